@@ -1,0 +1,1 @@
+"""The research loop: CLI, runner, agents, git, ledger, report, guards."""
