@@ -1,0 +1,120 @@
+"""Agents propose one edit to the training file and describe it in one line; the runner
+does everything else (commit, run, judge, log, reset).
+
+Three implementations share the `Agent` interface:
+  hparam       offline: mutates the hyperparameter constants at the top of the file
+  anthropic    the Messages API with the Anthropic-defined text editor tool
+  claude-code  `claude -p`, headless, tools limited to the training file
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+AGENTS = ("anthropic", "claude-code", "hparam")
+
+
+@dataclass
+class Context:
+    """What an agent sees for one experiment (a fresh conversation each time)."""
+    repo_root: Path
+    training_file: str
+    program: str                     # program.md: the human's research direction
+    digest: str                      # compact history, built by `make_digest`
+    history: list[dict]              # this run's result records, oldest first
+    crash_log: str | None = None     # set for a fix attempt: the tail of run.log
+    budget_left_usd: float | None = None
+
+    @property
+    def training_path(self) -> Path:
+        return self.repo_root / self.training_file
+
+
+@dataclass
+class Proposal:
+    description: str
+    cost_usd: float = 0.0
+    usage: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)   # stored in the ledger (e.g. which constant moved)
+
+
+class AgentUnavailable(RuntimeError):
+    """A transient failure (API overloaded, network down): the runner pauses and retries."""
+    def __init__(self, message: str, cost_usd: float = 0.0):
+        super().__init__(message)
+        self.cost_usd = cost_usd
+
+
+class AgentFailed(RuntimeError):
+    """This proposal failed for good (no usable edit); the runner discards it and moves on."""
+    def __init__(self, message: str, cost_usd: float = 0.0):
+        super().__init__(message)
+        self.cost_usd = cost_usd
+
+
+class BudgetExhausted(AgentFailed):
+    """The spend cap was reached inside an experiment; the runner stops."""
+
+
+class Agent:
+    name = "agent"
+    model: str | None = None
+
+    def check(self) -> None:
+        """Fail fast at start-up (missing key, unknown model, missing executable)."""
+
+    def propose(self, ctx: Context) -> Proposal:
+        raise NotImplementedError
+
+    def fix(self, ctx: Context) -> Proposal | None:
+        """Repair a crash (ctx.crash_log holds the log tail). Returning None or raising
+        AgentFailed (which carries the cost spent) gives up."""
+        return None
+
+    def prior_cost_estimate(self) -> float:
+        """A guess at one experiment's cost before any has been measured."""
+        return 0.0
+
+
+def default_agent_name() -> str:
+    return "anthropic" if os.environ.get("ANTHROPIC_API_KEY") else "hparam"
+
+
+def make_agent(name: str, model: str | None = None, seed: int = 0, max_turns: int = 30) -> Agent:
+    if name == "hparam":
+        from .hparam import HparamAgent
+        return HparamAgent(seed=seed)
+    if name == "anthropic":
+        from .anthropic_api import AnthropicAgent
+        return AnthropicAgent(model=model, max_turns=max_turns)
+    if name == "claude-code":
+        from .claude_code import ClaudeCodeAgent
+        return ClaudeCodeAgent(model=model, max_turns=max_turns)
+    raise ValueError(f"unknown agent {name!r}: use one of {', '.join(AGENTS)}")
+
+
+def make_digest(history: list[dict], training_file: str, crash_log: str | None = None,
+                last_n: int = 20) -> str:
+    """The compact state of the run an agent gets instead of a long conversation."""
+    lines = [f"Training file: {training_file}. Lower val_bpb is better."]
+    if history:
+        base = history[0]
+        lines.append(f"Baseline: val_bpb {base.get('val_bpb') or 0:.6f} (commit {base.get('commit_short')}).")
+        kept = [r for r in history if r["status"] == "keep"]
+        if kept:
+            best = min(kept, key=lambda r: r["val_bpb"])
+            lines.append(f"Best so far: val_bpb {best['val_bpb']:.6f} (commit {best['commit_short']}: "
+                         f"{best['description']}). The file you see is this best version.")
+        if len(kept) > 1:
+            lines.append("Kept changes, in order:")
+            lines += [f"  - {r['description']} -> {r['val_bpb']:.6f}" for r in kept[1:]]
+        lines.append(f"Last {min(last_n, len(history))} results (commit, val_bpb, memory_gb, status, description):")
+        for r in history[-last_n:]:
+            val = r.get("val_bpb") or 0.0
+            mem = r.get("memory_gb") or 0.0
+            lines.append(f"  {r.get('commit_short') or '-------'}  {val:.6f}  {mem:.1f}  {r['status']:<7}  {r['description']}")
+    if crash_log:
+        lines.append("The last run crashed. Tail of run.log:")
+        lines.append(crash_log[-4000:])
+    return "\n".join(lines)

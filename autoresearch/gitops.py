@@ -1,0 +1,168 @@
+"""Git as the lab notebook: the branch, one commit per experiment, keep = advance, else reset.
+
+Every git operation the runner performs lives here, on top of GitPython. Commands go
+through the git CLI (`repo.git.<cmd>`) rather than GitPython's own index writer so the
+repository sees exactly what a human typing git would produce (hooks aside).
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import git
+
+BRANCH_PREFIX = "autoresearch/"
+
+# Files and folders the agent must never change. Hashes of their working-tree content are
+# recorded when a run starts and checked before every experiment.
+PROTECTED_PATHS = ("prepare.py", "pyproject.toml", "uv.lock", "program.md", "autoresearch", "metal_kernels")
+
+# Untracked outputs of a run; added to .git/info/exclude so they never dirty the tree.
+RUN_OUTPUTS = ("results.tsv", "results.*.tsv", "ledger.jsonl", "run.log", "progress.png")
+
+
+class GitError(RuntimeError):
+    """A repository state the runner cannot work with; the message says how to fix it."""
+
+
+def open_repo(path: str | Path) -> git.Repo:
+    try:
+        return git.Repo(path, search_parent_directories=True)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        raise GitError(f"{path} is not inside a git repository: run autoresearch from the project "
+                       "checkout (git clone ...; cd into it).") from None
+
+
+def root(repo: git.Repo) -> Path:
+    return Path(repo.working_tree_dir)
+
+
+def head_sha(repo: git.Repo) -> str:
+    return repo.git.rev_parse("HEAD")
+
+
+def short(sha: str) -> str:
+    return sha[:7]
+
+
+def current_branch(repo: git.Repo) -> str | None:
+    """The checked-out branch name, or None when HEAD is detached."""
+    try:
+        return repo.git.symbolic_ref("--short", "-q", "HEAD")
+    except git.GitCommandError:
+        return None
+
+
+def branch_exists(repo: git.Repo, branch: str) -> bool:
+    try:
+        repo.git.rev_parse("--verify", "-q", f"refs/heads/{branch}")
+        return True
+    except git.GitCommandError:
+        return False
+
+
+def autoresearch_branches(repo: git.Repo) -> list[str]:
+    """autoresearch/* branches, most recently committed first."""
+    out = repo.git.for_each_ref("--sort=-committerdate", "--format=%(refname:short)",
+                                f"refs/heads/{BRANCH_PREFIX}")
+    return [line for line in out.splitlines() if line]
+
+
+def changed_tracked_files(repo: git.Repo) -> list[str]:
+    """Tracked files whose working-tree or staged content differs from HEAD."""
+    out = repo.git.diff("HEAD", "--name-only", "--no-renames")
+    return sorted(set(line for line in out.splitlines() if line))
+
+
+def create_branch(repo: git.Repo, branch: str) -> None:
+    repo.git.checkout("-q", "-b", branch)
+
+
+def checkout(repo: git.Repo, branch: str) -> None:
+    repo.git.checkout("-q", branch)
+
+
+def _identity_args(repo: git.Repo) -> list[str]:
+    # A fresh machine may have no user.name / user.email; commit under a neutral identity
+    # instead of failing in the middle of a night.
+    args = []
+    for key, fallback in (("user.name", "autoresearch"), ("user.email", "autoresearch@localhost")):
+        try:
+            repo.git.config("--get", key)
+        except git.GitCommandError:
+            args += ["-c", f"{key}={fallback}"]
+    return args
+
+
+def commit_file(repo: git.Repo, path: str, message: str) -> str:
+    """Commit exactly one file (the training file) and return the new HEAD sha."""
+    repo.git.add("--", path)
+    args = _identity_args(repo)
+    repo.git.execute(["git", *args, "commit", "-q", "--no-verify", "-m", message, "--", path])
+    return head_sha(repo)
+
+
+def commit_message(repo: git.Repo, sha: str) -> str:
+    return repo.git.log("-1", "--format=%s", sha)
+
+
+def reset_hard(repo: git.Repo, sha: str) -> None:
+    repo.git.reset("-q", "--hard", sha)
+
+
+def is_ancestor(repo: git.Repo, ancestor: str, sha: str) -> bool:
+    try:
+        repo.git.merge_base("--is-ancestor", ancestor, sha)
+        return True
+    except git.GitCommandError:
+        return False
+
+
+def remove_stale_index_lock(repo: git.Repo) -> bool:
+    """Delete .git/index.lock left by a killed git process. Returns whether one was removed."""
+    lock = Path(repo.git_dir) / "index.lock"
+    if lock.exists():
+        lock.unlink()
+        return True
+    return False
+
+
+def exclude_run_outputs(repo: git.Repo, names=RUN_OUTPUTS) -> None:
+    """Make run outputs invisible to `git status` in this clone, whatever .gitignore says."""
+    exclude = Path(repo.git_dir) / "info" / "exclude"
+    exclude.parent.mkdir(parents=True, exist_ok=True)
+    existing = exclude.read_text().splitlines() if exclude.exists() else []
+    wanted = [f"/{name}" for name in names]
+    missing = [w for w in wanted if w not in existing]
+    if missing:
+        with open(exclude, "a") as f:
+            if existing and existing[-1] != "":
+                f.write("\n")
+            f.write("# autoresearch run outputs\n" + "\n".join(missing) + "\n")
+
+
+def hash_paths(repo_root: Path, paths=PROTECTED_PATHS) -> dict[str, str]:
+    """sha256 of each protected path's working-tree content (folders: every file, sorted).
+
+    Untracked files inside a protected folder count too: a new module dropped into
+    autoresearch/ would be imported as surely as an edited one. Paths that do not exist
+    hash to "absent" so that creating them is also a change.
+    """
+    hashes = {}
+    for rel in paths:
+        p = repo_root / rel
+        h = hashlib.sha256()
+        if p.is_file():
+            h.update(p.read_bytes())
+        elif p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc":
+                    h.update(str(f.relative_to(p)).encode() + b"\0")
+                    h.update(f.read_bytes())
+                    h.update(b"\0")
+        else:
+            hashes[rel] = "absent"
+            continue
+        hashes[rel] = h.hexdigest()
+    return hashes
+

@@ -1,0 +1,166 @@
+"""The record of a run: a JSON-lines ledger (source of truth) and results.tsv (upstream's view).
+
+Both live untracked in the repository root. Every append is one `os.write` of a whole
+line followed by `fsync`, so a `kill -9` leaves either the full line or none of it (a torn
+last line, which only a power cut could produce, is dropped by `repair`). The ledger is
+written first; results.tsv is a projection of the ledger's result records and is rebuilt
+from it on resume, which is what makes "every experiment exactly once" hold.
+
+Ledger events (all carry `time` and `tag`):
+  session  a run started or resumed (backend, agent, model, profile, protected-file hashes)
+  start    an experiment is about to run: exp, commit, parent (the best commit), description
+  spawn    the trainer process started: exp, pgid
+  result   an experiment finished: exp, commit, val_bpb, memory_gb, status, description, ...
+  agent_cost  spend of an agent call that produced no run (outage, no edit)
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+TSV_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
+TSV_HEADER = "\t".join(TSV_COLUMNS) + "\n"
+STATUSES = ("keep", "discard", "crash", "invalid")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line durably: a single write, then fsync (and the folder if the file is new)."""
+    new = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if new:
+        _fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def clean_description(text: str) -> str:
+    """One line, no tabs: the description column of results.tsv."""
+    text = " ".join(str(text).split())
+    return text[:200] if text else "(no description)"
+
+
+def tsv_row(result: dict) -> str:
+    val = result.get("val_bpb")
+    mem = result.get("memory_gb")
+    return "\t".join([
+        result.get("commit_short") or "-------",
+        f"{val:.6f}" if isinstance(val, (int, float)) else "0.000000",
+        f"{mem:.1f}" if isinstance(mem, (int, float)) else "0.0",
+        result["status"],
+        clean_description(result.get("description", "")),
+    ]) + "\n"
+
+
+class Ledger:
+    def __init__(self, repo_root: Path, tag: str):
+        self.root = Path(repo_root)
+        self.tag = tag
+        self.path = self.root / "ledger.jsonl"
+        self.tsv_path = self.root / "results.tsv"
+
+    # -- reading ---------------------------------------------------------------------------
+    def all_records(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line; `repair` removes it
+        return records
+
+    def records(self, event: str | None = None) -> list[dict]:
+        return [r for r in self.all_records()
+                if r.get("tag") == self.tag and (event is None or r.get("event") == event)]
+
+    def results(self) -> list[dict]:
+        return self.records("result")
+
+    def open_experiment(self) -> dict | None:
+        """The last `start` record that has no `result` yet (an experiment cut short)."""
+        done = {r["exp"] for r in self.results()}
+        starts = [r for r in self.records("start") if r["exp"] not in done]
+        return starts[-1] if starts else None
+
+    def spawned_pgid(self, exp: int) -> int | None:
+        pgids = [r["pgid"] for r in self.records("spawn") if r.get("exp") == exp]
+        return pgids[-1] if pgids else None
+
+    def best(self) -> dict | None:
+        """The kept result with the lowest val_bpb (ties: the earliest)."""
+        kept = [r for r in self.results() if r["status"] == "keep"]
+        return min(kept, key=lambda r: r["val_bpb"]) if kept else None
+
+    def next_exp(self) -> int:
+        used = [r["exp"] for r in self.records() if "exp" in r]
+        return max(used) + 1 if used else 0
+
+    def spent_usd(self) -> float:
+        """Agent spend: each result's cost plus the cost of proposals that produced no run."""
+        return sum(r.get("cost_usd") or 0.0 for r in self.records()
+                   if r.get("event") in ("result", "agent_cost"))
+
+    # -- writing ---------------------------------------------------------------------------
+    def append(self, event: str, **fields) -> dict:
+        record = {"event": event, "time": time.time(), "tag": self.tag, **fields}
+        append_line(self.path, json.dumps(record, sort_keys=False) + "\n")
+        return record
+
+    def write_result(self, **fields) -> dict:
+        """Ledger first, then results.tsv: a kill between the two is healed by `rebuild_tsv`."""
+        if fields["status"] not in STATUSES:
+            raise ValueError(f"unknown status {fields['status']!r}")
+        if any(r["exp"] == fields["exp"] for r in self.results()):
+            raise RuntimeError(f"experiment {fields['exp']} already has a result")
+        record = self.append("result", **fields)
+        if not self.tsv_path.exists():
+            append_line(self.tsv_path, TSV_HEADER)
+        append_line(self.tsv_path, tsv_row(record))
+        return record
+
+    def repair(self) -> bool:
+        """Drop a torn last line of the ledger. Returns whether anything was removed."""
+        if not self.path.exists():
+            return False
+        data = self.path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return False
+        keep = data[: data.rfind(b"\n") + 1]
+        write_atomic(self.path, keep.decode())
+        return True
+
+    def expected_tsv(self) -> str:
+        return TSV_HEADER + "".join(tsv_row(r) for r in sorted(self.results(), key=lambda r: r["exp"]))
+
+    def rebuild_tsv(self) -> bool:
+        """Make results.tsv exactly this tag's results. Returns whether it had to change."""
+        want = self.expected_tsv()
+        have = self.tsv_path.read_text() if self.tsv_path.exists() else None
+        if have == want:
+            return False
+        write_atomic(self.tsv_path, want)
+        return True

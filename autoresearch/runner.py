@@ -1,0 +1,426 @@
+"""The loop. The runner, not the agent, decides: it commits, checks, trains, parses, logs
+and keeps or resets. Agents only edit the training file.
+
+One experiment, in order (the names in brackets are the fault-injection points):
+  1. the agent edits the training file
+  2. checks: HEAD is still the best commit, no other tracked file changed, protected
+     files hash as recorded -> otherwise an `invalid` row and a reset, never a run
+  3. commit the training file                                     [after_commit]
+  4. ledger `start` record (the experiment in flight)
+  5. train in its own process group, output to run.log           [during_run]
+  6. on a crash: up to N fix attempts by the agent, each committed and re-run
+  7. ledger `result`, then the results.tsv row                    [after_log]
+  8. keep: the branch stays advanced; else reset to the best     [before_reset]
+
+`run --resume` heals a kill at any of these points: see `Runner.recover`.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import gitops
+from .agents import (Agent, AgentFailed, AgentUnavailable, BudgetExhausted, Context, Proposal,
+                     make_digest)
+from .ledger import Ledger
+from .trainer import SetupError, Trainer, group_alive, harness_info, kill_group, timeout_for
+
+
+class RunStopped(RuntimeError):
+    """The loop ended for a reason the user should read (spend cap, outage too long...)."""
+
+
+def decide_greedy(val_bpb: float, best_val_bpb: float) -> str:
+    """Upstream's rule: keep a result strictly below the best, discard anything else.
+
+    The one place a keep/discard decision is made; pass another function with the same
+    signature to `Runner(decide=...)` to change the rule."""
+    return "keep" if val_bpb < best_val_bpb else "discard"
+
+
+def crash_point(name: str, exp: int) -> None:
+    """Fault injection for tests: AUTORESEARCH_CRASH_AT=name or name@exp kills this process
+    with SIGKILL at that point, exactly like `kill -9` would."""
+    want = os.environ.get("AUTORESEARCH_CRASH_AT")
+    if not want:
+        return
+    point, _, at = want.partition("@")
+    if point == name and (not at or int(at) == exp):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class RunConfig:
+    tag: str
+    backend: str
+    max_experiments: int | None = None       # experiments after the baseline, whole branch
+    max_spend: float | None = None           # USD, agent cost over the whole branch
+    max_fix_attempts: int = 2
+    outage_wait_s: float = 30.0              # first pause after the SDK's own retries gave up
+    outage_max_wait_s: float = 600.0         # longest single pause
+    outage_give_up_s: float = 12 * 3600.0    # a longer outage ends the run (resumable)
+    max_agent_failures: int = 5              # consecutive proposals without a usable edit
+
+
+@dataclass
+class Runner:
+    repo_root: Path
+    config: RunConfig
+    agent: Agent
+    trainer: Trainer
+    decide: Callable[[float, float], str] = decide_greedy
+    out: Callable[[str], None] = print
+    sleep: Callable[[float], None] = time.sleep
+    harness: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.repo = gitops.open_repo(self.repo_root)
+        self.repo_root = gitops.root(self.repo)
+        self.ledger = Ledger(self.repo_root, self.config.tag)
+        self.branch = gitops.BRANCH_PREFIX + self.config.tag
+        self.training_file = self.trainer.training_file
+        self.log_path = self.repo_root / "run.log"
+        self.protected: dict[str, str] = {}
+        self.base_commit: str | None = None
+
+    # -- set-up --------------------------------------------------------------------------
+    def start(self) -> None:
+        """A new run: clean tree, new branch, data present, outputs ignored."""
+        changed = gitops.changed_tracked_files(self.repo)
+        if changed:
+            raise SetupError("the working tree has uncommitted changes to tracked files "
+                             f"({', '.join(changed[:5])}): commit or stash them first.")
+        if gitops.branch_exists(self.repo, self.branch):
+            raise SetupError(f"branch {self.branch} already exists: continue it with `autoresearch run "
+                             f"--resume --tag {self.config.tag}` or pick a new --tag.")
+        self._check_training_file()
+        self.harness = harness_info(self.repo_root)
+        self.agent.check()
+        gitops.exclude_run_outputs(self.repo)
+        self._set_aside_foreign_results()
+        gitops.create_branch(self.repo, self.branch)
+        self.base_commit = gitops.head_sha(self.repo)
+        self.protected = gitops.hash_paths(self.repo_root)
+        self._session(resumed=False)
+        self.ledger.rebuild_tsv()
+        self.out(f"Started {self.branch} at {gitops.short(self.base_commit)} "
+                 f"(backend {self.config.backend}, agent {self.agent.name}, profile {self.harness.get('profile')}, "
+                 f"dataset {self.harness.get('dataset')}).")
+
+    def resume(self) -> None:
+        """Continue after a crash or kill -9 at any point."""
+        if gitops.remove_stale_index_lock(self.repo):
+            self.out("Removed a stale .git/index.lock.")
+        if not gitops.branch_exists(self.repo, self.branch):
+            raise SetupError(f"nothing to resume: branch {self.branch} does not exist "
+                             "(start a run without --resume).")
+        sessions = self.ledger.records("session")
+        if not sessions:
+            raise SetupError(f"nothing to resume: ledger.jsonl has no record of tag {self.config.tag!r}.")
+        self.base_commit = sessions[0]["base_commit"]
+        if gitops.current_branch(self.repo) != self.branch:
+            # Detached HEAD (killed mid-operation) or another branch checked out: re-attach.
+            others = [f for f in gitops.changed_tracked_files(self.repo) if f != self.training_file]
+            if others:
+                raise SetupError(f"cannot switch to {self.branch}: uncommitted changes to {', '.join(others[:5])}.")
+            self.repo.git.checkout("-q", "-f", self.branch)
+            self.out(f"Re-attached HEAD to {self.branch}.")
+        others = [f for f in gitops.changed_tracked_files(self.repo) if f != self.training_file]
+        if others:
+            raise SetupError(f"uncommitted changes to {', '.join(others[:5])} would be lost by the reset to the "
+                             "best commit: commit or discard them, then rerun with --resume.")
+        self._check_training_file()
+        self.harness = harness_info(self.repo_root)
+        self.agent.check()
+        gitops.exclude_run_outputs(self.repo)
+        self.recover()
+        self.protected = gitops.hash_paths(self.repo_root)
+        recorded = sessions[-1].get("protected", {})
+        moved = [p for p, h in self.protected.items() if recorded.get(p) not in (None, h)]
+        if moved:
+            self.out(f"Note: protected files changed since the last session: {', '.join(moved)} (re-recorded).")
+        self._session(resumed=True)
+        self.out(f"Resumed {self.branch}: {len(self.ledger.results())} results, best "
+                 f"{self._best_val():.6f} at {gitops.short(self.best_commit())}." if self.ledger.best()
+                 else f"Resumed {self.branch}: no baseline yet.")
+
+    def recover(self) -> None:
+        """Close the books on whatever a kill left behind, then reset to the best commit.
+
+        - a torn last ledger line is dropped;
+        - an experiment with a `start` but no `result` is logged as a crash (its trainer, if
+          still running, is killed first);
+        - a commit on the branch that never got a `start` (killed right after committing)
+          is logged as a crash too;
+        - results.tsv is rebuilt from the ledger, so no row is missing or doubled;
+        - the branch is reset to the best kept commit."""
+        if self.ledger.repair():
+            self.out("Dropped a torn last line from ledger.jsonl.")
+        head = gitops.head_sha(self.repo)
+        open_exp = self.ledger.open_experiment()
+        if open_exp:
+            pgid = self.ledger.spawned_pgid(open_exp["exp"])
+            if pgid and group_alive(pgid):
+                kill_group(pgid, grace_s=2.0)
+                self.out(f"Killed the orphaned trainer of experiment {open_exp['exp']} (process group {pgid}).")
+            self._write_result(open_exp["exp"], open_exp["commit"], "crash",
+                               open_exp["description"] + " (interrupted)", baseline=open_exp.get("baseline", False),
+                               cost_usd=open_exp.get("cost_usd", 0.0), note="runner killed during the experiment")
+            self.out(f"Logged interrupted experiment {open_exp['exp']} as a crash.")
+        else:
+            known = {r.get("commit") for r in self.ledger.records() if r.get("commit")}
+            best = self.best_commit()
+            if head != best and head not in known and gitops.is_ancestor(self.repo, best, head):
+                desc = gitops.commit_message(self.repo, head)
+                self._write_result(self.ledger.next_exp(), head, "crash", desc + " (interrupted before it ran)",
+                                   note="runner killed between the commit and the start record")
+                self.out(f"Logged commit {gitops.short(head)} (never run) as a crash.")
+        if self.ledger.rebuild_tsv():
+            self.out("Rebuilt results.tsv from the ledger.")
+        gitops.reset_hard(self.repo, self.best_commit())
+
+    def _check_training_file(self) -> None:
+        if not (self.repo_root / self.training_file).exists():
+            raise SetupError(f"{self.training_file} (the training file of backend {self.config.backend}) is not in "
+                             f"{self.repo_root}: run from the project root or pick the other --backend.")
+
+    def _set_aside_foreign_results(self) -> None:
+        """A results.tsv from an earlier tag or a hand-run session is moved aside, not lost."""
+        tsv = self.ledger.tsv_path
+        if tsv.exists() and tsv.read_text() != self.ledger.expected_tsv():
+            aside = tsv.with_name(f"results.before-{self.config.tag}.tsv")
+            tsv.rename(aside)
+            self.out(f"Moved the existing results.tsv to {aside.name}.")
+
+    def _session(self, resumed: bool) -> None:
+        self.ledger.append("session", resumed=resumed, branch=self.branch, base_commit=self.base_commit,
+                           backend=self.config.backend, agent=self.agent.name, model=self.agent.model,
+                           training_file=self.training_file, command=self.trainer.command,
+                           protected=self.protected, harness=self.harness, pid=os.getpid(),
+                           max_experiments=self.config.max_experiments, max_spend=self.config.max_spend)
+
+    # -- state -----------------------------------------------------------------------------
+    def best_commit(self) -> str:
+        best = self.ledger.best()
+        return best["commit"] if best else self.base_commit
+
+    def _best_val(self) -> float:
+        best = self.ledger.best()
+        return best["val_bpb"] if best else float("inf")
+
+    def experiments_done(self) -> int:
+        return sum(1 for r in self.ledger.results() if not r.get("baseline"))
+
+    def _timeout(self) -> float:
+        return timeout_for(float(self.harness.get("time_budget", 300)))
+
+    # -- the loop --------------------------------------------------------------------------
+    def loop(self) -> None:
+        while not self.ledger.best():
+            if not self.baseline():
+                raise RunStopped("the baseline crashed: see run.log, fix the training file, commit, and "
+                                 "run again with --resume.")
+        failures = 0
+        while True:
+            if self.config.max_experiments is not None and self.experiments_done() >= self.config.max_experiments:
+                self.out(f"Reached --max-experiments {self.config.max_experiments}.")
+                return
+            self._check_spend()
+            try:
+                self.experiment()
+                failures = 0
+            except AgentFailed as e:
+                if isinstance(e, BudgetExhausted):
+                    raise RunStopped(f"--max-spend reached: {e}") from None
+                failures += 1
+                self.out(f"The agent produced no usable edit ({e}); {failures} in a row.")
+                if failures >= self.config.max_agent_failures:
+                    raise RunStopped(f"{failures} proposals in a row without a usable edit: stopping.") from None
+
+    def _check_spend(self) -> None:
+        if self.config.max_spend is None:
+            return
+        spent = self.ledger.spent_usd()
+        costs = [r.get("cost_usd") or 0.0 for r in self.ledger.results() if not r.get("baseline")]
+        estimate = max(costs) if costs else self.agent.prior_cost_estimate()
+        if spent + estimate > self.config.max_spend:
+            raise RunStopped(f"--max-spend {self.config.max_spend:.2f} USD: ${spent:.4f} spent and the next "
+                             f"experiment could cost ${estimate:.4f}; stopping before it.")
+
+    def baseline(self) -> bool:
+        exp = self.ledger.next_exp()
+        commit = gitops.head_sha(self.repo)
+        self.out(f"[{exp}] baseline at {gitops.short(commit)}")
+        self.ledger.append("start", exp=exp, commit=commit, parent=commit, description="baseline", baseline=True)
+        outcome = self._train(exp)
+        status = "keep" if outcome.ok else "crash"
+        self._finish(exp, commit, status, "baseline", outcome, baseline=True)
+        return outcome.ok
+
+    def experiment(self) -> None:
+        exp = self.ledger.next_exp()
+        best_commit, best_val = self.best_commit(), self._best_val()
+        proposal = self._propose(exp)
+        cost = proposal.cost_usd
+        violation = self._violation(best_commit)
+        if violation:
+            self.out(f"[{exp}] invalid: {violation}")
+            self._write_result(exp, None, "invalid", f"{proposal.description} [invalid: {violation}]",
+                               cost_usd=cost, agent_meta=proposal.meta, usage=proposal.usage)
+            gitops.reset_hard(self.repo, best_commit)
+            return
+        commit = gitops.commit_file(self.repo, self.training_file, proposal.description)
+        crash_point("after_commit", exp)
+        self.ledger.append("start", exp=exp, commit=commit, parent=best_commit, description=proposal.description,
+                           cost_usd=cost)
+        self.out(f"[{exp}] {proposal.description} ({gitops.short(commit)})")
+        outcome = self._train(exp)
+        description, attempts = proposal.description, 0
+        while not outcome.ok and attempts < self.config.max_fix_attempts:
+            attempts += 1
+            fix, fix_cost = self._fix(exp, outcome.log_tail)
+            cost += fix_cost
+            if fix is None:
+                break
+            violation = self._violation(commit)
+            if violation:
+                gitops.reset_hard(self.repo, commit)
+                self.out(f"[{exp}] fix attempt {attempts} rejected: {violation}")
+                break
+            description = fix.description
+            commit = gitops.commit_file(self.repo, self.training_file, f"fix: {fix.description}")
+            self.ledger.append("start", exp=exp, commit=commit, parent=best_commit, description=description,
+                               cost_usd=cost, fix_attempt=attempts)
+            self.out(f"[{exp}] fix attempt {attempts}: {fix.description} ({gitops.short(commit)})")
+            outcome = self._train(exp)
+        status = self.decide(outcome.summary["val_bpb"], best_val) if outcome.ok else "crash"
+        self._finish(exp, commit, status, description, outcome, cost_usd=cost, fix_attempts=attempts,
+                     agent_meta=proposal.meta, usage=proposal.usage, parent=best_commit)
+        if status != "keep":
+            crash_point("before_reset", exp)
+            gitops.reset_hard(self.repo, best_commit)
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _context(self, crash_log: str | None = None) -> Context:
+        history = self.ledger.results()
+        left = None
+        if self.config.max_spend is not None:
+            left = self.config.max_spend - self.ledger.spent_usd()
+        program = self.repo_root / "program.md"
+        return Context(repo_root=self.repo_root, training_file=self.training_file,
+                       program=program.read_text() if program.exists() else "",
+                       digest=make_digest(history, self.training_file, crash_log), history=history,
+                       crash_log=crash_log, budget_left_usd=left)
+
+    def _propose(self, exp: int) -> Proposal:
+        """Ask the agent for an edit; an outage pauses (doubling waits) instead of ending the run."""
+        wait, paused = self.config.outage_wait_s, 0.0
+        while True:
+            before = (self.repo_root / self.training_file).read_text()
+            try:
+                proposal = self.agent.propose(self._context())
+            except AgentUnavailable as e:
+                self._agent_cost(exp, e.cost_usd, f"unavailable: {e}")
+                gitops.reset_hard(self.repo, self.best_commit())
+                if paused + wait > self.config.outage_give_up_s:
+                    raise RunStopped(f"the agent has been unavailable for {paused:.0f} s: {e}. "
+                                     "Resume later with --resume.") from None
+                self.out(f"[{exp}] agent unavailable ({e}); pausing {wait:.0f} s.")
+                self.sleep(wait)
+                paused += wait
+                wait = min(wait * 2, self.config.outage_max_wait_s)
+                continue
+            except AgentFailed as e:
+                self._agent_cost(exp, e.cost_usd, f"failed: {e}")
+                gitops.reset_hard(self.repo, self.best_commit())
+                raise
+            if (self.repo_root / self.training_file).read_text() == before and not \
+                    gitops.changed_tracked_files(self.repo):
+                self._agent_cost(exp, proposal.cost_usd, "no edit")
+                raise AgentFailed("the agent finished without changing the training file")
+            return proposal
+
+    def _fix(self, exp: int, log_tail: str) -> tuple[Proposal | None, float]:
+        try:
+            fix = self.agent.fix(self._context(crash_log=log_tail))
+        except AgentFailed as e:
+            return None, e.cost_usd
+        except AgentUnavailable as e:
+            return None, e.cost_usd
+        return fix, (fix.cost_usd if fix else 0.0)
+
+    def _agent_cost(self, exp: int, cost: float, note: str) -> None:
+        if cost:
+            self.ledger.append("agent_cost", exp=exp, cost_usd=cost, note=note)
+
+    def _violation(self, expected_head: str) -> str | None:
+        """Why this edit must not run, or None."""
+        head = gitops.head_sha(self.repo)
+        if head != expected_head:
+            return f"HEAD moved from {gitops.short(expected_head)} to {gitops.short(head)} (the agent must not commit)"
+        others = [f for f in gitops.changed_tracked_files(self.repo) if f != self.training_file]
+        if others:
+            return f"changed {', '.join(others[:5])} (only {self.training_file} may change)"
+        now = gitops.hash_paths(self.repo_root)
+        touched = [p for p, h in now.items() if self.protected.get(p) != h]
+        if touched:
+            return f"modified protected {', '.join(touched)}"
+        if not (self.repo_root / self.training_file).exists():
+            return f"deleted {self.training_file}"
+        return None
+
+    def _train(self, exp: int):
+        def on_spawn(pid: int) -> None:
+            self.ledger.append("spawn", exp=exp, pgid=pid)
+            if os.environ.get("AUTORESEARCH_CRASH_AT", "").partition("@")[0] == "during_run":
+                time.sleep(0.3)
+                crash_point("during_run", exp)
+        return self.trainer.run(self.repo_root, self.log_path, self._timeout(), on_spawn=on_spawn)
+
+    def _finish(self, exp, commit, status, description, outcome, **extra) -> None:
+        s = outcome.summary or {}
+        val = s.get("val_bpb") if outcome.ok else None
+        mem = s.get("peak_vram_mb") / 1024 if isinstance(s.get("peak_vram_mb"), float) and outcome.ok else None
+        self._write_result(exp, commit, status, description, val_bpb=val, memory_gb=mem,
+                           run_seconds=round(outcome.seconds, 2), returncode=outcome.returncode,
+                           timed_out=outcome.timed_out, summary=s, **extra)
+        best = self._best_val()
+        shown = f"{val:.6f}" if val is not None else "-"
+        self.out(f"[{exp}] val_bpb {shown}  {status}  (best {best:.6f})"
+                 + ("  timeout" if outcome.timed_out else ""))
+        crash_point("after_log", exp)
+
+    def _write_result(self, exp, commit, status, description, **fields) -> dict:
+        s = fields.get("summary") or {}
+        return self.ledger.write_result(
+            exp=exp, commit=commit, commit_short=gitops.short(commit) if commit else None, status=status,
+            description=description, val_bpb=fields.pop("val_bpb", None), memory_gb=fields.pop("memory_gb", None),
+            backend=self.config.backend, agent=self.agent.name, model=self.agent.model,
+            profile=s.get("profile", self.harness.get("profile")),
+            dataset=s.get("dataset", self.harness.get("dataset")),
+            eval_tokens=s.get("eval_tokens", self.harness.get("eval_tokens")),
+            seed=int(os.environ.get("AUTORESEARCH_SEED", "42")),
+            **{"cost_usd": 0.0, "baseline": False, **fields})
+
+
+def run(runner: Runner, resume: bool) -> int:
+    """Set up or resume, then loop; returns a process exit code."""
+    if resume:
+        runner.resume()
+    else:
+        runner.start()
+    try:
+        runner.loop()
+    except RunStopped as e:
+        runner.out(f"Stopped: {e}")
+        return 3
+    finally:
+        if runner.ledger.best():
+            best = runner.ledger.best()
+            runner.out(f"Best: val_bpb {best['val_bpb']:.6f} at {best['commit_short']} ({best['description']}).")
+    return 0
