@@ -118,6 +118,22 @@ def is_ancestor(repo: git.Repo, ancestor: str, sha: str) -> bool:
         return False
 
 
+def untracked_files(repo: git.Repo, paths=PROTECTED_PATHS) -> set[str]:
+    """Untracked, non-ignored files under the given paths."""
+    out = repo.git.ls_files("--others", "--exclude-standard", "--", *paths)
+    return set(line for line in out.splitlines() if line)
+
+
+def remove_new_untracked(repo: git.Repo, keep: set[str], paths=PROTECTED_PATHS) -> list[str]:
+    """Delete untracked files under `paths` that are not in `keep` (files an agent dropped
+    into protected folders; `reset --hard` leaves untracked files alone)."""
+    removed = []
+    for rel in sorted(untracked_files(repo, paths) - keep):
+        (root(repo) / rel).unlink()
+        removed.append(rel)
+    return removed
+
+
 def remove_stale_index_lock(repo: git.Repo) -> bool:
     """Delete .git/index.lock left by a killed git process. Returns whether one was removed."""
     lock = Path(repo.git_dir) / "index.lock"
@@ -154,13 +170,13 @@ def hash_paths(repo_root: Path, paths=PROTECTED_PATHS) -> dict[str, str]:
         h = hashlib.sha256()
         if p.is_file():
             h.update(p.read_bytes())
-        elif p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc":
-                    h.update(str(f.relative_to(p)).encode() + b"\0")
-                    h.update(f.read_bytes())
-                    h.update(b"\0")
-        else:
+        elif p.is_dir() and (files := [f for f in sorted(p.rglob("*")) if f.is_file()
+                                       and "__pycache__" not in f.parts and f.suffix != ".pyc"]):
+            for f in files:
+                h.update(str(f.relative_to(p)).encode() + b"\0")
+                h.update(f.read_bytes())
+                h.update(b"\0")
+        else:  # missing, or a folder without files (what git can restore)
             hashes[rel] = "absent"
             continue
         hashes[rel] = h.hexdigest()

@@ -86,6 +86,7 @@ class Runner:
         self.training_file = self.trainer.training_file
         self.log_path = self.repo_root / "run.log"
         self.protected: dict[str, str] = {}
+        self.protected_untracked: set[str] = set()
         self.base_commit: str | None = None
 
     # -- set-up --------------------------------------------------------------------------
@@ -105,7 +106,7 @@ class Runner:
         self._set_aside_foreign_results()
         gitops.create_branch(self.repo, self.branch)
         self.base_commit = gitops.head_sha(self.repo)
-        self.protected = gitops.hash_paths(self.repo_root)
+        self._record_protected()
         self._session(resumed=False)
         self.ledger.rebuild_tsv()
         self.out(f"Started {self.branch} at {gitops.short(self.base_commit)} "
@@ -138,8 +139,9 @@ class Runner:
         self.harness = harness_info(self.repo_root)
         self.agent.check()
         gitops.exclude_run_outputs(self.repo)
+        self.protected_untracked = set(sessions[-1].get("protected_untracked", []))
         self.recover()
-        self.protected = gitops.hash_paths(self.repo_root)
+        self._record_protected()
         recorded = sessions[-1].get("protected", {})
         moved = [p for p, h in self.protected.items() if recorded.get(p) not in (None, h)]
         if moved:
@@ -183,6 +185,26 @@ class Runner:
         if self.ledger.rebuild_tsv():
             self.out("Rebuilt results.tsv from the ledger.")
         gitops.reset_hard(self.repo, self.best_commit())
+        removed = gitops.remove_new_untracked(self.repo, self.protected_untracked)
+        if removed:
+            self.out(f"Removed files added to protected folders: {', '.join(removed)}")
+
+    def _record_protected(self) -> None:
+        self.protected = gitops.hash_paths(self.repo_root)
+        self.protected_untracked = gitops.untracked_files(self.repo)
+
+    def _reset(self, commit: str) -> None:
+        """Back to `commit`: tracked files reset, files an agent added to protected folders
+        removed; if a protected file still differs (an untracked one was edited) stop."""
+        gitops.reset_hard(self.repo, commit)
+        removed = gitops.remove_new_untracked(self.repo, self.protected_untracked)
+        if removed:
+            self.out(f"Removed files added to protected folders: {', '.join(removed)}")
+        now = gitops.hash_paths(self.repo_root)
+        touched = [p for p, h in now.items() if self.protected.get(p) != h]
+        if touched:
+            raise RunStopped(f"protected files {', '.join(touched)} changed and cannot be restored by git "
+                             "(untracked content was edited): restore them by hand, then --resume.")
 
     def _check_training_file(self) -> None:
         if not (self.repo_root / self.training_file).exists():
@@ -201,7 +223,8 @@ class Runner:
         self.ledger.append("session", resumed=resumed, branch=self.branch, base_commit=self.base_commit,
                            backend=self.config.backend, agent=self.agent.name, model=self.agent.model,
                            training_file=self.training_file, command=self.trainer.command,
-                           protected=self.protected, harness=self.harness, pid=os.getpid(),
+                           protected=self.protected, protected_untracked=sorted(self.protected_untracked),
+                           harness=self.harness, pid=os.getpid(),
                            max_experiments=self.config.max_experiments, max_spend=self.config.max_spend)
 
     # -- state -----------------------------------------------------------------------------
@@ -272,7 +295,7 @@ class Runner:
             self.out(f"[{exp}] invalid: {violation}")
             self._write_result(exp, None, "invalid", f"{proposal.description} [invalid: {violation}]",
                                cost_usd=cost, agent_meta=proposal.meta, usage=proposal.usage)
-            gitops.reset_hard(self.repo, best_commit)
+            self._reset(best_commit)
             return
         commit = gitops.commit_file(self.repo, self.training_file, proposal.description)
         crash_point("after_commit", exp)
@@ -289,7 +312,7 @@ class Runner:
                 break
             violation = self._violation(commit)
             if violation:
-                gitops.reset_hard(self.repo, commit)
+                self._reset(commit)
                 self.out(f"[{exp}] fix attempt {attempts} rejected: {violation}")
                 break
             description = fix.description
@@ -303,7 +326,7 @@ class Runner:
                      agent_meta=proposal.meta, usage=proposal.usage, parent=best_commit)
         if status != "keep":
             crash_point("before_reset", exp)
-            gitops.reset_hard(self.repo, best_commit)
+            self._reset(best_commit)
 
     # -- pieces ----------------------------------------------------------------------------
     def _context(self, crash_log: str | None = None) -> Context:
@@ -326,7 +349,7 @@ class Runner:
                 proposal = self.agent.propose(self._context())
             except AgentUnavailable as e:
                 self._agent_cost(exp, e.cost_usd, f"unavailable: {e}")
-                gitops.reset_hard(self.repo, self.best_commit())
+                self._reset(self.best_commit())
                 if paused + wait > self.config.outage_give_up_s:
                     raise RunStopped(f"the agent has been unavailable for {paused:.0f} s: {e}. "
                                      "Resume later with --resume.") from None
@@ -337,7 +360,7 @@ class Runner:
                 continue
             except AgentFailed as e:
                 self._agent_cost(exp, e.cost_usd, f"failed: {e}")
-                gitops.reset_hard(self.repo, self.best_commit())
+                self._reset(self.best_commit())
                 raise
             if (self.repo_root / self.training_file).read_text() == before and not \
                     gitops.changed_tracked_files(self.repo):
