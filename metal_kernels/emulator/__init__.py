@@ -142,7 +142,9 @@ class _Kernel:
         attrs = [a for a, _ in attributes(self.source)]
 
         cpp = to_cpp(text) + launcher(kname, template, arg_types, attrs)
-        lib = compile_library(cpp)
+        # METAL_EMULATOR_UCONTEXT=1 forces the portable ucontext fibers (the default off x86-64 Linux)
+        flags = ("-DMSLCPU_UCONTEXT",) if os.environ.get("METAL_EMULATOR_UCONTEXT") == "1" else ()
+        lib = compile_library(cpp, flags)
 
         launch = _Launch()
         launch.grid[:] = [int(g) for g in grid]
