@@ -1,0 +1,177 @@
+"""evaluate_bpb: equal to an independent float64 computation for simple MLX and torch
+models, independent of the batch size, and chunked so its extra memory stays bounded."""
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import prepare  # noqa: E402
+
+mx = pytest.importorskip("mlx.core")
+import mlx.nn as nn  # noqa: E402
+
+# A small eval (16 rows of 64 tokens) keeps these tests fast; the rows come from the same code path.
+TINY = prepare.Profile("smoke", 64, 15, 16 * 64)
+DIM = 8
+
+
+@pytest.fixture
+def builtin(builtin_cache, monkeypatch):
+    monkeypatch.setattr(prepare, "CACHE_DIR", builtin_cache["AUTORESEARCH_CACHE"])
+    monkeypatch.setattr(prepare, "DATASET", "builtin")
+    monkeypatch.setattr(prepare, "PROFILE", TINY)
+    return prepare.Tokenizer.from_directory()
+
+
+def weights(vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(0, 1, (vocab, DIM)).astype(np.float32), rng.normal(0, 0.5, (vocab, DIM)).astype(np.float32)
+
+
+class MLXBigram(nn.Module):
+    def __init__(self, emb, head):
+        super().__init__()
+        self.wte = nn.Embedding(*emb.shape)
+        self.lm_head = nn.Linear(DIM, head.shape[0], bias=False)
+        self.wte.weight, self.lm_head.weight = mx.array(emb), mx.array(head)
+
+    def __call__(self, x):
+        return self.lm_head(self.wte(x))
+
+
+def independent_bpb(tok, rows, emb, head):
+    """The metric from its definition, in float64 numpy: nats of every target whose token is
+    not special, over the UTF-8 bytes of those targets, in bits."""
+    special = set(prepare.SPECIAL_TOKENS)
+    nbytes = np.array([0 if tok.decode([i]) in special else len(tok.decode([i]).encode()) for i in
+                       range(tok.get_vocab_size())])
+    nats, total_bytes = 0.0, 0
+    for row in rows:
+        x, y = row[:-1], row[1:]
+        logits = emb[x].astype(np.float64) @ head.T.astype(np.float64)
+        m = logits.max(axis=1, keepdims=True)
+        lse = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
+        loss = lse - logits[np.arange(len(y)), y]
+        nats += float((loss * (nbytes[y] > 0)).sum())
+        total_bytes += int(nbytes[y].sum())
+    return nats / (math.log(2) * total_bytes)
+
+
+def test_mlx_evaluate_bpb_matches_independent_computation_at_any_batch_size(builtin):
+    tok = builtin
+    emb, head = weights(tok.get_vocab_size())
+    model = MLXBigram(emb, head)
+    rows = prepare.eval_rows(tok)
+    assert rows.shape == (16, 65)
+    expected = independent_bpb(tok, rows, emb, head)
+    for batch_size in (16, 5, 1):  # 5 does not divide 16: the padded last batch must not count
+        assert prepare.evaluate_bpb(model, tok, batch_size) == pytest.approx(expected, rel=1e-5)
+    assert prepare.summary_fields(tok) == {"dataset": "builtin", "profile": "smoke", "eval_tokens": 16 * 64}
+
+
+def test_torch_evaluate_bpb_matches_independent_computation_at_any_batch_size(builtin):
+    torch = pytest.importorskip("torch")
+    tok = builtin
+    emb, head = weights(tok.get_vocab_size(), seed=1)
+
+    class TorchBigram(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = torch.nn.Embedding(*emb.shape)
+            self.lm_head = torch.nn.Linear(DIM, head.shape[0], bias=False)
+            with torch.no_grad():
+                self.wte.weight.copy_(torch.from_numpy(emb))
+                self.lm_head.weight.copy_(torch.from_numpy(head))
+
+        def forward(self, x):
+            assert x.dtype == torch.int64
+            return self.lm_head(self.wte(x))
+
+    model = TorchBigram()
+    expected = independent_bpb(tok, prepare.eval_rows(tok), emb, head)
+    for batch_size in (16, 3):
+        assert prepare.evaluate_bpb(model, tok, batch_size) == pytest.approx(expected, rel=1e-5)
+    # the same weights in MLX give the same number: both backends share the harness
+    assert prepare.evaluate_bpb(MLXBigram(emb, head), tok, 4) == pytest.approx(expected, rel=1e-5)
+
+
+def test_bf16_logits_are_scored_in_float32(builtin):
+    tok = builtin
+    emb, head = weights(tok.get_vocab_size(), seed=2)
+    model = MLXBigram(emb, head)
+    bf16 = prepare.evaluate_bpb(lambda x: model(x).astype(mx.bfloat16), tok, 8, backend="mlx")
+    fp32 = prepare.evaluate_bpb(model, tok, 8)
+    assert bf16 == pytest.approx(fp32, rel=2e-2) and bf16 != fp32
+
+
+def test_unknown_model_type_is_a_clear_error(builtin):
+    with pytest.raises(prepare.HarnessError, match="cannot tell the backend"):
+        prepare.evaluate_bpb(lambda x: x, builtin, 4)
+
+
+class FixedLogits(nn.Module):
+    """Returns precomputed logits, so the memory measured is the harness's own."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self._logits = logits
+
+    def __call__(self, x):
+        return self._logits
+
+
+def _mlx_extra_memory(model, tok, batch_size):
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    prepare.evaluate_bpb(model, tok, batch_size)
+    return mx.get_peak_memory() - base
+
+
+def test_chunking_bounds_extra_memory(builtin, monkeypatch):
+    tok = builtin
+    monkeypatch.setattr(prepare, "PROFILE", prepare.Profile("smoke", 256, 15, 16 * 256))
+    V = tok.get_vocab_size()
+    logits = mx.random.normal((16, 256, V)).astype(mx.bfloat16)  # 64 MB; 128 MB as float32
+    mx.eval(logits)
+    model = FixedLogits(logits)
+    float32_logits = 16 * 256 * V * 4
+    monkeypatch.setattr(prepare, "EVAL_CHUNK_BYTES", 2 ** 40)  # one chunk: the whole batch in float32
+    unchunked = _mlx_extra_memory(model, tok, 16)
+    monkeypatch.setattr(prepare, "EVAL_CHUNK_BYTES", 4 * 2 ** 20)  # 128 tokens at a time
+    chunked = _mlx_extra_memory(model, tok, 16)
+    assert unchunked > float32_logits
+    assert chunked < 4 * 4 * 2 ** 20
+    # the default chunk keeps the extra memory far below 512 MB at vocab 8192, whatever the batch size
+    assert prepare._chunk_tokens(8192) * 8192 * 4 <= prepare.EVAL_CHUNK_BYTES <= 512 * 2 ** 20 / 4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures peak RSS through /proc")
+def test_chunking_bounds_extra_memory_torch(builtin, monkeypatch):
+    torch = pytest.importorskip("torch")
+    tok = builtin
+    monkeypatch.setattr(prepare, "PROFILE", prepare.Profile("smoke", 256, 15, 16 * 256))
+    logits = torch.randn(16, 256, tok.get_vocab_size()).bfloat16()
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return logits
+
+    def peak_rss():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+    def extra(chunk_bytes):
+        monkeypatch.setattr(prepare, "EVAL_CHUNK_BYTES", chunk_bytes)
+        prepare.evaluate_bpb(Fixed(), tok, 16)  # warm-up: caches, allocator
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS to the current RSS
+        base = peak_rss()
+        prepare.evaluate_bpb(Fixed(), tok, 16)
+        return peak_rss() - base
+
+    assert extra(2 ** 40) > 16 * 256 * 8192 * 4 * 0.9
+    assert extra(4 * 2 ** 20) < 32 * 2 ** 20
