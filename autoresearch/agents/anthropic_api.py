@@ -14,13 +14,14 @@ from pathlib import Path
 from . import Agent, AgentFailed, AgentUnavailable, BudgetExhausted, Context, Proposal
 from ..trainer import SetupError
 
-DEFAULT_MODEL = "claude-sonnet-4-5"
+DEFAULT_MODEL = "claude-sonnet-4-6"
 EDITOR_TOOL = {"type": "text_editor_20250728", "name": "str_replace_based_edit_tool"}
 MAX_TOKENS = 8192
 
 # USD per million tokens: (input, output). Cache writes cost 1.25x input, cache reads 0.1x
 # (5-minute cache). Matched by model-id prefix, longest prefix first; an unknown model is
-# priced as the most expensive entry so that --max-spend errs on the safe side.
+# priced as the most expensive entry so that --max-spend errs on the safe side, unless
+# AUTORESEARCH_PRICE gives its price.
 PRICES = {
     "claude-opus-4-5": (5.0, 25.0),
     "claude-opus-4-6": (5.0, 25.0),
@@ -39,6 +40,16 @@ CACHE_READ_MULT = 0.1
 
 
 def price_for(model: str) -> tuple[float, float]:
+    """(input, output) USD per million tokens. AUTORESEARCH_PRICE="IN,OUT" overrides the
+    table (for a model it does not know yet)."""
+    override = os.environ.get("AUTORESEARCH_PRICE")
+    if override:
+        try:
+            inp, out = (float(x) for x in override.split(","))
+            return inp, out
+        except ValueError:
+            raise SetupError(f"AUTORESEARCH_PRICE={override!r}: expected two numbers, e.g. 3,15 "
+                             "(USD per million input and output tokens).") from None
     for prefix in sorted(PRICES, key=len, reverse=True):
         if model.startswith(prefix):
             return PRICES[prefix]
@@ -161,7 +172,7 @@ class AnthropicAgent(Agent):
             self.client.models.retrieve(self.model)
         except anthropic.NotFoundError:
             raise SetupError(f"model {self.model!r} is not available to this API key: pass a valid --model "
-                             "(e.g. claude-sonnet-4-5).") from None
+                             "(e.g. claude-sonnet-4-6).") from None
         except anthropic.AuthenticationError:
             raise SetupError("the Anthropic API rejected ANTHROPIC_API_KEY: check the key.") from None
         except anthropic.APIConnectionError as e:

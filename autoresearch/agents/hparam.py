@@ -1,8 +1,9 @@
 """The offline agent: a coordinate pattern search over the training file's constants.
 
 No key, no network. It edits only module-level constants written as plain numeric
-literals at the top of the file (`MATRIX_LR = 0.04`), the knobs a trainer in Karpathy's
-style exposes.
+literals (`MATRIX_LR = 0.04`) in the file's hyperparameter block: after a
+`# Hyperparameters` comment when there is one (upstream's layout), else anywhere at module
+level. These are the knobs a trainer in Karpathy's style exposes.
 
 Search strategy (deterministic given the run's history, so a resumed run continues
 the same search):
@@ -31,20 +32,30 @@ TUNABLE_INTS = ("DEPTH",)
 BASE_FACTOR = 1.5
 
 
-def read_constants(text: str) -> list[tuple[str, float | int, int]]:
-    """(name, value, line index) of tunable module-level numeric constants, in file order.
+_BLOCK_MARKER = re.compile(r"^#.*\bhyperparameters\b", re.IGNORECASE)
 
-    Only lines before the first def/class are considered: the "top of the file"."""
-    found = []
-    for i, line in enumerate(text.splitlines()):
-        if line.startswith(("def ", "class ", "async def ", "@")):
-            break
-        m = _CONST.match(line)
-        if not m:
+
+def _block_start(lines: list[str]) -> int:
+    """First line of the hyperparameter block: after a `# Hyperparameters` comment if the
+    file has one (upstream's layout), else the top of the file."""
+    for i, line in enumerate(lines):
+        if _BLOCK_MARKER.match(line):
+            return i + 1
+    return 0
+
+
+def read_constants(text: str) -> list[tuple[str, float | int, int]]:
+    """(name, value, line index) of the tunable constants, in file order: module-level
+    (column 0) numeric literals in the hyperparameter block, first assignment of each name."""
+    lines = text.splitlines()
+    found, seen = [], set()
+    for i in range(_block_start(lines), len(lines)):
+        m = _CONST.match(lines[i])
+        if not m or m["name"] in seen:
             continue
+        seen.add(m["name"])
         raw = m["value"].replace("_", "")
-        is_float = any(c in raw for c in ".eE")
-        if is_float:
+        if any(c in raw for c in ".eE"):
             found.append((m["name"], float(raw), i))
         elif m["name"] in TUNABLE_INTS:
             found.append((m["name"], int(raw), i))
@@ -53,7 +64,8 @@ def read_constants(text: str) -> list[tuple[str, float | int, int]]:
 
 def set_constant(text: str, name: str, value) -> str:
     lines = text.splitlines(keepends=True)
-    for i, line in enumerate(lines):
+    for i in range(_block_start([l.rstrip("\n") for l in lines]), len(lines)):
+        line = lines[i]
         m = _CONST.match(line.rstrip("\n"))
         if m and m["name"] == name:
             ending = "\n" if line.endswith("\n") else ""
@@ -135,8 +147,8 @@ class HparamAgent(Agent):
         text = path.read_text()
         constants = read_constants(text)
         if not constants:
-            raise AgentFailed(f"hparam agent: no numeric constants at the top of {ctx.training_file} "
-                              "(expected lines like `MATRIX_LR = 0.04` before the first def/class).")
+            raise AgentFailed(f"hparam agent: no numeric constants in {ctx.training_file} "
+                              "(expected module-level lines like `MATRIX_LR = 0.04`).")
         values = {name: value for name, value, _ in constants}
         names = [name for name, _, _ in constants]
         factor = self._factor(ctx.history, len(names))

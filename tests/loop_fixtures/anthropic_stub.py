@@ -18,7 +18,7 @@ ERROR_TYPES = {429: "rate_limit_error", 500: "api_error", 529: "overloaded_error
 
 
 class StubAPI:
-    def __init__(self, models=("claude-sonnet-4-5",), training_file="train_mlx.py"):
+    def __init__(self, models=("claude-sonnet-4-6", "claude-opus-4-6"), training_file="train_mlx.py"):
         self.models = set(models)
         self.training_file = training_file
         self.requests: list[tuple[str, str, dict, dict]] = []   # (method, path, headers, body)
