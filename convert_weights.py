@@ -230,13 +230,10 @@ def main(argv=None):
                                                        ("window_pattern", args.window_pattern)) if v is not None})
         if not str(args.dst).endswith(".safetensors"):
             raise ConversionError(f"{args.dst}: the output must be a .safetensors file")
-        torch_model_check = None
-        try:
-            import train  # noqa: F401 -- check the names against a real model when torch is here
-            torch_model_check = torch_model(config, arrays)
-        except ImportError:
+        try:  # the names and shapes must fit a real model before anything is written
+            torch_model(config, arrays)
+        except ImportError:  # no torch here (a Mac): check against the MLX model instead
             load_into_mlx(mlx_model(config), arrays)
-        del torch_model_check
         save_weights(args.dst, arrays, config)
         n = sum(a.size for a in arrays.values())
         print(f"wrote {args.dst}: {len(arrays)} tensors, {n / 1e6:.2f}M parameters, config {json.dumps(config)}")
