@@ -80,18 +80,31 @@ class Ledger:
         self.tag = tag
         self.path = self.root / "ledger.jsonl"
         self.tsv_path = self.root / "results.tsv"
+        self._cache: list[dict] = []
+        self._offset = 0
 
     # -- reading ---------------------------------------------------------------------------
     def all_records(self) -> list[dict]:
+        """Every complete record, all tags. Only bytes appended since the last call are
+        parsed, so the cost per experiment does not grow with the length of the run."""
         if not self.path.exists():
+            self._cache, self._offset = [], 0
             return []
-        records = []
-        for line in self.path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line; `repair` removes it
-        return records
+        size = self.path.stat().st_size
+        if size < self._offset:          # replaced or truncated (repair): read it again
+            self._cache, self._offset = [], 0
+        if size > self._offset:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read(size - self._offset)
+            complete = data[: data.rfind(b"\n") + 1]   # a torn last line waits for `repair`
+            for line in complete.splitlines():
+                try:
+                    self._cache.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+            self._offset += len(complete)
+        return list(self._cache)
 
     def records(self, event: str | None = None) -> list[dict]:
         return [r for r in self.all_records()
@@ -151,6 +164,7 @@ class Ledger:
             return False
         keep = data[: data.rfind(b"\n") + 1]
         write_atomic(self.path, keep.decode())
+        self._cache, self._offset = [], 0
         return True
 
     def expected_tsv(self) -> str:

@@ -1,0 +1,58 @@
+"""The loop with the real MLX trainer: smoke profile, builtin data, hparam agent, 2 experiments."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+
+import git
+import pytest
+
+from loop_fixtures.helpers import PROJECT, cli_env, ledger_records, run_cli, tsv_rows
+
+pytestmark = pytest.mark.slow
+
+
+def copy_project(dst):
+    """A fresh checkout of the project as a user would have it (tracked + the trainer)."""
+    dst.mkdir()
+    for name in ("prepare.py", "train_mlx.py", "pyproject.toml", "program.md"):
+        shutil.copy(PROJECT / name, dst / name)
+    shutil.copytree(PROJECT / "metal_kernels", dst / "metal_kernels",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "build"))
+    (dst / ".gitignore").write_text("__pycache__/\n")
+    repo = git.Repo.init(dst, initial_branch="master")
+    with repo.config_writer() as cw:
+        cw.set_value("user", "name", "Test")
+        cw.set_value("user", "email", "test@example.com")
+    repo.git.add("-A")
+    repo.git.commit("-q", "-m", "project")
+    return repo
+
+
+def test_real_train_mlx_smoke_two_experiments_with_hparam(tmp_path, builtin_cache):
+    if not (PROJECT / "train_mlx.py").exists():
+        pytest.fail("train_mlx.py is missing")
+    d = tmp_path / "p"
+    repo = copy_project(d)
+    env = cli_env(**builtin_cache)
+    r = run_cli(d, "run", "--agent", "hparam", "--backend", "mlx", "--tag", "smoke", "--max-experiments", "2",
+                env=env, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    rows = tsv_rows(d)
+    assert len(rows) == 3 and rows[0][3] == "keep" and rows[0][4] == "baseline"
+    results = ledger_records(d, "result")
+    base = results[0]
+    assert math.isfinite(base["val_bpb"]) and 0.5 < base["val_bpb"] < 10
+    assert base["profile"] == "smoke" and base["dataset"] == "builtin" and base["backend"] == "mlx"
+    assert base["summary"]["backend"] == "mlx" and base["summary"]["eval_tokens"] > 0
+    for res in results[1:]:
+        assert res["status"] in ("keep", "discard", "crash")
+        assert res["agent_meta"]["hparam"]["name"]
+    best = min((x for x in results if x["status"] == "keep"), key=lambda x: x["val_bpb"])
+    assert repo.head.commit.hexsha == best["commit"]
+    assert repo.active_branch.name == "autoresearch/smoke"
+    assert repo.git.status("--porcelain", "--untracked-files=no") == ""
+    s = run_cli(d, "report", env=env)
+    assert s.returncode == 0 and (d / "progress.png").exists()
