@@ -76,6 +76,8 @@ def time_packer(make_rows, n_batches):
 
 def bench_packing(label, batches_fast, batches_ref, B, T, n_batches):
     import prepare
+    time_packer(lambda: prepare.pack_rows(iter(batches_fast), B, T), 2)  # warm-up (allocator, caches)
+    time_packer(lambda: reference_pack_rows(iter(batches_ref), B, T), 2)
     t_fast, fast = time_packer(lambda: prepare.pack_rows(iter(batches_fast), B, T), n_batches)
     t_ref, ref = time_packer(lambda: reference_pack_rows(iter(batches_ref), B, T), n_batches)
     identical = all(np.array_equal(a, b) for a, b in zip(fast, ref)) and len(fast) == len(ref) == n_batches
@@ -89,7 +91,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--B", type=int, default=16)
     parser.add_argument("--T", type=int, default=2048)
-    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--skip-eval", action="store_true")
     args = parser.parse_args()
     import prepare
@@ -133,7 +135,8 @@ def main():
 
 
 def bench_eval(tok):
-    """evaluate_bpb for the quick profile on a tiny MLX model (embedding -> linear head)."""
+    """evaluate_bpb for the quick profile on a tiny MLX model (embedding -> linear head): total
+    time, and the harness's share (total minus the model's own forward passes on the same rows)."""
     import mlx.core as mx
     import mlx.nn as nn
     import prepare
@@ -148,7 +151,7 @@ def bench_eval(tok):
             return self.head(self.wte(x))
 
     mx.random.seed(0)
-    model = Tiny(tok.get_vocab_size())
+    model = Tiny(tok.get_vocab_size(), dim=32)
     quick = prepare.PROFILES["quick"]
     saved = prepare.PROFILE
     prepare.PROFILE = quick
@@ -156,13 +159,21 @@ def bench_eval(tok):
         t0 = time.perf_counter()
         rows = prepare.eval_rows(tok, quick)
         t_rows = time.perf_counter() - t0
+        batch_size = 8
         t0 = time.perf_counter()
-        bpb = prepare.evaluate_bpb(model, tok, batch_size=8)
+        for start in range(0, len(rows), batch_size):
+            mx.eval(model(mx.array(rows[start:start + batch_size, :-1])))
+        t_forward = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        bpb = prepare.evaluate_bpb(model, tok, batch_size=batch_size)
         t_eval = time.perf_counter() - t0
     finally:
         prepare.PROFILE = saved
-    print(f"evaluate_bpb, quick profile, tiny MLX model (dim 64): {len(rows)} rows x {rows.shape[1] - 1} tokens, "
-          f"row building {t_rows:.2f}s, evaluation {t_eval:.2f}s, val_bpb {bpb:.4f}")
+    n_tok = len(rows) * (rows.shape[1] - 1)
+    print(f"evaluate_bpb, quick profile, tiny MLX model (dim 32, vocab {tok.get_vocab_size()}): {len(rows)} rows "
+          f"x {rows.shape[1] - 1} = {n_tok} tokens: row building {t_rows:.2f}s, evaluate_bpb {t_eval:.2f}s of which "
+          f"model forward {t_forward:.2f}s, harness (cross-entropy, bytes) {t_eval - t_forward:.2f}s "
+          f"({n_tok / max(t_eval - t_forward, 1e-9) / 1e3:.0f} K tok/s); val_bpb {bpb:.4f}")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,11 @@ def independent_bpb(tok, rows, emb, head):
     return nats / (math.log(2) * total_bytes)
 
 
-def test_mlx_evaluate_bpb_matches_independent_computation_at_any_batch_size(builtin):
+@pytest.mark.parametrize("numpy_cross_entropy", [True, False], ids=["numpy-ce", "mlx-ce"])
+def test_mlx_evaluate_bpb_matches_independent_computation_at_any_batch_size(builtin, monkeypatch,
+                                                                             numpy_cross_entropy):
+    # MLX on a CPU device hands the float32 chunks to numpy; on a GPU it runs a compiled MLX function
+    monkeypatch.setattr(prepare, "_mlx_cross_entropy_in_numpy", lambda: numpy_cross_entropy)
     tok = builtin
     emb, head = weights(tok.get_vocab_size())
     model = MLXBigram(emb, head)
@@ -124,54 +128,66 @@ class FixedLogits(nn.Module):
         return self._logits
 
 
-def _mlx_extra_memory(model, tok, batch_size):
+def _peak_rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def _extra_memory(run):
+    """Peak memory `run()` adds: MLX's own peak counter, and on Linux the peak RSS (which
+    also sees numpy and torch temporaries)."""
+    run()  # warm-up: caches, allocator pools, compiled functions
     base = mx.get_active_memory()
     mx.reset_peak_memory()
-    prepare.evaluate_bpb(model, tok, batch_size)
-    return mx.get_peak_memory() - base
+    rss = sys.platform.startswith("linux")
+    if rss:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS to the current RSS
+        rss_base = _peak_rss()
+    run()
+    return max(mx.get_peak_memory() - base, _peak_rss() - rss_base if rss else 0)
 
 
-def test_chunking_bounds_extra_memory(builtin, monkeypatch):
+ROWS, T = 8, 256
+LOGITS_FP32 = ROWS * T * 8192 * 4  # 64 MB
+
+
+@pytest.mark.parametrize("numpy_cross_entropy", [True, False], ids=["numpy-ce", "mlx-ce"])
+def test_chunking_bounds_extra_memory_mlx(builtin, monkeypatch, numpy_cross_entropy):
     tok = builtin
-    monkeypatch.setattr(prepare, "PROFILE", prepare.Profile("smoke", 256, 15, 16 * 256))
-    V = tok.get_vocab_size()
-    logits = mx.random.normal((16, 256, V)).astype(mx.bfloat16)  # 64 MB; 128 MB as float32
+    monkeypatch.setattr(prepare, "_mlx_cross_entropy_in_numpy", lambda: numpy_cross_entropy)
+    monkeypatch.setattr(prepare, "PROFILE", prepare.Profile("smoke", T, 15, ROWS * T))
+    logits = mx.random.normal((ROWS, T, tok.get_vocab_size())).astype(mx.bfloat16)
     mx.eval(logits)
     model = FixedLogits(logits)
-    float32_logits = 16 * 256 * V * 4
     monkeypatch.setattr(prepare, "EVAL_CHUNK_BYTES", 2 ** 40)  # one chunk: the whole batch in float32
-    unchunked = _mlx_extra_memory(model, tok, 16)
+    unchunked = _extra_memory(lambda: prepare.evaluate_bpb(model, tok, ROWS))
     monkeypatch.setattr(prepare, "EVAL_CHUNK_BYTES", 4 * 2 ** 20)  # 128 tokens at a time
-    chunked = _mlx_extra_memory(model, tok, 16)
-    assert unchunked > float32_logits
-    assert chunked < 4 * 4 * 2 ** 20
-    # the default chunk keeps the extra memory far below 512 MB at vocab 8192, whatever the batch size
-    assert prepare._chunk_tokens(8192) * 8192 * 4 <= prepare.EVAL_CHUNK_BYTES <= 512 * 2 ** 20 / 4
+    chunked = _extra_memory(lambda: prepare.evaluate_bpb(model, tok, ROWS))
+    assert unchunked > LOGITS_FP32
+    assert chunked < 24 * 2 ** 20
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="measures peak RSS through /proc")
 def test_chunking_bounds_extra_memory_torch(builtin, monkeypatch):
     torch = pytest.importorskip("torch")
     tok = builtin
-    monkeypatch.setattr(prepare, "PROFILE", prepare.Profile("smoke", 256, 15, 16 * 256))
-    logits = torch.randn(16, 256, tok.get_vocab_size()).bfloat16()
+    monkeypatch.setattr(prepare, "PROFILE", prepare.Profile("smoke", T, 15, ROWS * T))
+    logits = torch.randn(ROWS, T, tok.get_vocab_size()).bfloat16()
 
     class Fixed(torch.nn.Module):
         def forward(self, x):
             return logits
 
-    def peak_rss():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    monkeypatch.setattr(prepare, "EVAL_CHUNK_BYTES", 2 ** 40)
+    unchunked = _extra_memory(lambda: prepare.evaluate_bpb(Fixed(), tok, ROWS))
+    monkeypatch.setattr(prepare, "EVAL_CHUNK_BYTES", 4 * 2 ** 20)
+    chunked = _extra_memory(lambda: prepare.evaluate_bpb(Fixed(), tok, ROWS))
+    if sys.platform.startswith("linux"):
+        assert unchunked > LOGITS_FP32 * 0.9
+    assert chunked < 24 * 2 ** 20
 
-    def extra(chunk_bytes):
-        monkeypatch.setattr(prepare, "EVAL_CHUNK_BYTES", chunk_bytes)
-        prepare.evaluate_bpb(Fixed(), tok, 16)  # warm-up: caches, allocator
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS to the current RSS
-        base = peak_rss()
-        prepare.evaluate_bpb(Fixed(), tok, 16)
-        return peak_rss() - base
 
-    assert extra(2 ** 40) > 16 * 256 * 8192 * 4 * 0.9
-    assert extra(4 * 2 ** 20) < 32 * 2 ** 20
+def test_default_chunk_keeps_extra_memory_under_512mb():
+    # float32 chunk + one temporary of its size (+ MLX's fused kernel output): < 3 chunks at vocab 8192
+    assert prepare._chunk_tokens(8192) * 8192 * 4 <= prepare.EVAL_CHUNK_BYTES
+    assert 3 * prepare.EVAL_CHUNK_BYTES < 512 * 2 ** 20
