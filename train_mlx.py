@@ -640,8 +640,8 @@ DEVICE_BATCH_SIZE = 16  # sequences per micro-step (reduce if out of memory)
 if PROFILE.name == "smoke":
     DEPTH = 2
     HEAD_DIM = 64
-    TOTAL_BATCH_SIZE = 2**12
-    DEVICE_BATCH_SIZE = 16
+    TOTAL_BATCH_SIZE = 2**11
+    DEVICE_BATCH_SIZE = 8
 
 # ---------------------------------------------------------------------------
 # Schedules (all based on progress = training_time / time budget)

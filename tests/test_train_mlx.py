@@ -1,0 +1,210 @@
+"""train_mlx.py: the smoke-profile run end to end, and the model/optimizer/step pieces it is built from."""
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+mx = pytest.importorskip("mlx.core")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import train_mlx  # noqa: E402
+
+SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
+                "num_steps", "num_params_M", "depth", "backend", "device", "dataset", "profile", "eval_tokens"]
+
+TINY = dict(sequence_len=32, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SSSL")
+
+
+def tiny_model(seed=0, **overrides):
+    mx.random.seed(seed)
+    model = train_mlx.GPT(train_mlx.GPTConfig(**{**TINY, **overrides}))
+    model.init_weights()
+    return model
+
+
+def tiny_optimizer(model, weight_decay=0.2):
+    return train_mlx.MuonAdamW(model, unembedding_lr=0.004, embedding_lr=0.6, matrix_lr=0.04, scalar_lr=0.5,
+                               weight_decay=weight_decay, adam_betas=(0.8, 0.95))
+
+
+def random_batch(seed, B=4, T=32, V=128):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, V, size=(B, T + 1))
+    return mx.array(tokens[:, :-1].astype(np.int32)), mx.array(tokens[:, 1:].astype(np.int32))
+
+
+def schedule(lr_mult=1.0, momentum=0.85, weight_decay=0.2):
+    return mx.array([lr_mult, momentum, weight_decay], dtype=mx.float32)
+
+# ---------------------------------------------------------------------------
+# The real script, smoke profile, builtin data
+# ---------------------------------------------------------------------------
+
+
+def parse_summary(stdout):
+    block = stdout[stdout.rindex("\n---\n") + 5:]
+    return [tuple(part.strip() for part in line.split(":", 1)) for line in block.strip().splitlines()]
+
+
+def uniform_bpb(env):
+    """val_bpb of a model that spreads its probability evenly over the vocabulary, on the same eval rows."""
+    code = ("import numpy as np, prepare as p; tok = p.Tokenizer.from_directory(); y = p.eval_rows(tok)[:, 1:]; "
+            "b = p.get_token_bytes()[y]; print(np.log2(tok.get_vocab_size()) * (b > 0).sum() / b.sum())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def test_smoke_run_prints_full_summary(builtin_cache):
+    env = {**os.environ, **builtin_cache}
+    env.pop("AUTORESEARCH_BLAS", None)
+    run = subprocess.run([sys.executable, "train_mlx.py"], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = parse_summary(run.stdout)
+    assert [key for key, _ in summary] == SUMMARY_KEYS
+    values = dict(summary)
+    val_bpb = float(values["val_bpb"])
+    assert math.isfinite(val_bpb) and val_bpb < uniform_bpb(env), values
+    assert int(values["num_steps"]) >= 2
+    assert float(values["training_seconds"]) >= 15  # the smoke profile's budget
+    assert float(values["peak_vram_mb"]) > 0 and 0 < float(values["mfu_percent"]) <= 100
+    assert values["backend"] == "mlx" and values["device"].endswith(("(cpu)", "(gpu)"))
+    assert values["dataset"] == "builtin" and values["profile"] == "smoke"
+    assert int(values["eval_tokens"]) > 0
+    if sys.platform == "linux" and train_mlx.bundled_reference_blas() and train_mlx.find_tuned_blas():
+        assert "blas: preloaded" in run.stdout  # said once, before anything else
+        assert run.stdout.count("blas: preloaded") == 1
+
+# ---------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------
+
+
+def test_parameter_names_follow_upstream():
+    names = set(train_mlx.GPT(train_mlx.GPTConfig(**TINY)).flat_parameters())
+    assert {"transformer.wte.weight", "transformer.h.0.attn.c_q.weight", "transformer.h.1.attn.ve_gate.weight",
+            "transformer.h.0.mlp.c_fc.weight", "transformer.h.1.mlp.c_proj.weight", "lm_head.weight",
+            "resid_lambdas", "x0_lambdas", "value_embeds.1.weight"} <= names
+    assert "transformer.h.0.attn.ve_gate.weight" not in names and "value_embeds.0.weight" not in names
+
+
+def test_sliding_window_convention():
+    # query i sees key j iff i - W <= j <= i
+    mask = np.array(train_mlx.window_mask(5, 2))
+    expected = np.array([[i - 2 <= j <= i for j in range(5)] for i in range(5)])
+    np.testing.assert_array_equal(mask, expected)
+    assert train_mlx.GPT(train_mlx.GPTConfig(**{**TINY, "n_layer": 5})).window_sizes == [16, 16, 16, 32, 32]
+    # the windowed attention equals a dense softmax with that mask
+    q, k, v = (mx.random.normal((1, 2, 8, 16)) for _ in range(3))
+    got = np.array(train_mlx.attention(q, k, v, window=3, scale=0.25))
+    scores = np.einsum("bhid,bhjd->bhij", np.array(q), np.array(k)) * 0.25
+    scores = np.where(np.array(train_mlx.window_mask(8, 3)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    ref = np.einsum("bhij,bhjd->bhid", p / p.sum(-1, keepdims=True), np.array(v))
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_fused_loss_matches_autodiff():
+    z = mx.random.normal((3, 7, 50)) * 20
+    targets = mx.array(np.random.default_rng(0).integers(-1, 50, size=(3, 7)).astype(np.int32))
+
+    def reference(z):
+        c = 15 * mx.tanh(z / 15)
+        valid = targets >= 0
+        safe = mx.where(valid, targets, 0)
+        nats = mx.logsumexp(c, axis=-1) - mx.take_along_axis(c, safe[..., None], axis=-1)[..., 0]
+        return (nats * valid).sum() / valid.sum()
+
+    def fused(z):
+        valid = (targets >= 0).astype(mx.float32)
+        return train_mlx.softcapped_cross_entropy_sum(z, mx.where(targets >= 0, targets, 0), valid, 15)[0] / valid.sum()
+
+    (ref_loss, ref_grad), (loss, grad) = mx.value_and_grad(reference)(z), mx.value_and_grad(fused)(z)
+    assert abs(ref_loss.item() - loss.item()) < 1e-5
+    np.testing.assert_allclose(np.array(grad), np.array(ref_grad), atol=1e-6)
+
+# ---------------------------------------------------------------------------
+# Optimizer and step
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (3, 32, 96)])
+def test_polar_express_orthogonalises(shape):
+    g = mx.random.normal(shape)
+    before = np.linalg.svd(np.array(g), compute_uv=False)
+    after = np.linalg.svd(np.array(train_mlx.orthogonalize(g)), compute_uv=False)
+    assert before.max() / before.min() > 1.5  # the input is far from orthogonal
+    assert 0.7 < after.min() and after.max() < 1.2, (after.min(), after.max())
+
+
+def test_one_muon_step_is_an_orthogonal_update():
+    model = tiny_model()
+    optimizer = tiny_optimizer(model, weight_decay=0.0)
+    name = "transformer.h.0.mlp.c_fc.weight"  # (256, 64): Muon, tall
+    before = model.flat_parameters()
+    grads = {n: mx.random.normal(p.shape) for n, p in before.items()}
+    optimizer.apply_gradients(model, grads, schedule(momentum=0.0, weight_decay=0.0))
+    update = np.array(before[name] - model.flat_parameters()[name]) / (0.04 * (256 / 64) ** 0.5)
+    singular = np.linalg.svd(update, compute_uv=False)
+    assert 0.6 < singular.min() and singular.max() < 1.4, (singular.min(), singular.max())
+    # AdamW params moved too (first Adam step: lr * sign(grad))
+    lm_lr = 0.004 * (64 / 768) ** -0.5
+    step = np.array(before["lm_head.weight"] - model.flat_parameters()["lm_head.weight"])
+    np.testing.assert_allclose(np.abs(step), lm_lr, rtol=1e-3)
+
+
+def test_compiled_step_equals_eager_step():
+    batches = [random_batch(1), random_batch(2)]
+    results = []
+    for compile in (False, True):
+        model = tiny_model(seed=3)
+        step = train_mlx.make_train_step(model, tiny_optimizer(model), grad_accum_steps=2, compile=compile)
+        losses = [step(batches, schedule(lr_mult=1.0 - 0.1 * i, momentum=0.85 + 0.01 * i)).item() for i in range(3)]
+        results.append((losses, model.flat_parameters()))
+    (eager_losses, eager_params), (compiled_losses, compiled_params) = results
+    np.testing.assert_allclose(compiled_losses, eager_losses, rtol=1e-5)
+    for name in eager_params:
+        np.testing.assert_allclose(np.array(compiled_params[name]), np.array(eager_params[name]), atol=1e-5,
+                                   err_msg=name)
+
+
+def test_overfits_a_repeated_batch():
+    model = tiny_model(seed=4)
+    step = train_mlx.make_train_step(model, tiny_optimizer(model), grad_accum_steps=1)
+    batch = [random_batch(5)]
+    losses = [step(batch, schedule()).item() for _ in range(40)]
+    assert losses[0] > 4.0  # ~ln(128) at init
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_nan_loss_fails_fast(capsys):
+    model = tiny_model(seed=6)
+    model.lm_head.weight = mx.full(model.lm_head.weight.shape, float("nan"))
+    step = train_mlx.make_train_step(model, tiny_optimizer(model), grad_accum_steps=1)
+    with pytest.raises(SystemExit) as exc:
+        train_mlx.train(model, step, lambda: ([random_batch(7)], 1), time_budget=60, tokens_per_step=128,
+                        flops_per_token=1.0, peak=1e9)
+    assert exc.value.code == 1
+    assert "FAIL: training loss is nan at step 0" in capsys.readouterr().out
+
+# ---------------------------------------------------------------------------
+# Linux CPU: tuned BLAS detection
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the bundled reference BLAS is a Linux-wheel thing")
+def test_detects_bundled_reference_blas():
+    bundled = train_mlx.bundled_reference_blas()
+    assert bundled is not None and re.search(r"libblas[^/]*\.so", bundled)
+    tuned = train_mlx.find_tuned_blas()
+    if tuned is not None and "openblas" in tuned:
+        # this OpenBLAS knows this CPU unless it reports a generic core: then we name one
+        override = train_mlx.openblas_coretype_override(tuned)
+        assert override in (None, "SkylakeX", "Haswell")
