@@ -142,7 +142,21 @@ def _read_active_dataset():
         return None
 
 
-DATASET = os.environ.get("AUTORESEARCH_DATASET") or _read_active_dataset() or "climbmix"
+def local_dataset_name(spec):
+    """Stable cache name of a local folder or glob: local-<name>-<hash of the absolute spec>."""
+    absolute = os.path.abspath(os.path.expanduser(spec))
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", os.path.basename(absolute.rstrip("/*")) or "data").strip("-")[:40]
+    return f"local-{slug or 'data'}-{hashlib.sha256(absolute.encode()).hexdigest()[:8]}"
+
+
+def _dataset_from_env():
+    name = os.environ.get("AUTORESEARCH_DATASET")
+    if name and name not in NAMED_DATASETS and (os.path.exists(os.path.expanduser(name)) or glob.has_magic(name)):
+        return local_dataset_name(name)  # the folder or glob given to `prepare.py --dataset`
+    return name
+
+
+DATASET = _dataset_from_env() or _read_active_dataset() or "climbmix"
 
 
 def dataset_dir(dataset=None):
@@ -498,13 +512,6 @@ def prepare_tinystories(docs_per_shard=250_000):
 
 LOCAL_DOC_CHARS = 4000  # local .txt files are cut into documents of a few KB at paragraph boundaries
 LOCAL_VAL_FRACTION = 0.1
-
-
-def local_dataset_name(spec):
-    """Stable cache name of a local folder or glob: local-<name>-<hash of the absolute spec>."""
-    absolute = os.path.abspath(os.path.expanduser(spec))
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", os.path.basename(absolute.rstrip("/*")) or "data").strip("-")[:40]
-    return f"local-{slug or 'data'}-{hashlib.sha256(absolute.encode()).hexdigest()[:8]}"
 
 
 def _local_files(spec):
@@ -1135,7 +1142,8 @@ _APPLE_PEAKS = {
 
 def peak_flops(device_name, dtype="bf16"):
     """Peak dense FLOP/s of a device by name ("NVIDIA H100 80GB HBM3", "Apple M3 Max"), or None."""
-    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16"}.get(str(dtype), str(dtype))
+    dtype = str(dtype).rsplit(".", 1)[-1]  # also torch.bfloat16 / mlx.core.bfloat16
+    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16", "float": "fp32"}.get(dtype, dtype)
     name = device_name or ""
     apple = re.search(r"\bM([1-9])(?:\s+(Pro|Max|Ultra))?\b", name)
     if "Apple" in name and apple:

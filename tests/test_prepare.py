@@ -107,6 +107,7 @@ def test_peak_flops_table():
     assert prepare.peak_flops("NVIDIA H200", "bf16") == 989.5e12
     assert prepare.peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
     assert prepare.peak_flops("NVIDIA GeForce RTX 4090", "fp32") == 82.6e12
+    assert prepare.peak_flops("NVIDIA H100 80GB HBM3", "torch.bfloat16") == 989.5e12
     for chip in ("M1", "M2 Pro", "M3 Max", "M4 Max", "M2 Ultra", "M5"):
         assert prepare.peak_flops(f"Apple {chip} (gpu)", "bf16") > 1e12
     assert prepare.peak_flops("Apple M3 Max", "bf16") > prepare.peak_flops("Apple M3 Pro", "bf16") > \
@@ -331,8 +332,9 @@ def test_local_folder_dataset(tmp_path):
     glob_name = prepare.local_dataset_name(str(corpus / "*.txt"))
     assert glob_name != name and (tmp_path / "cache" / glob_name / "tokenizer" / "tokenizer.pkl").exists()
     assert (tmp_path / "cache" / name / "tokenizer" / "tokenizer.pkl").exists()
-    out = run_prepare_py([], {**env, "AUTORESEARCH_DATASET": name}, code=code)
-    assert out.stdout.split()[0] == name, out.stderr
+    for selector in (name, str(corpus)):  # the cache name, or the path given to prepare.py
+        out = run_prepare_py([], {**env, "AUTORESEARCH_DATASET": selector}, code=code)
+        assert out.stdout.split()[0] == name, out.stderr
 
 
 # ---------------------------------------------------------------------------
