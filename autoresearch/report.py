@@ -61,7 +61,8 @@ def status_text(ledger: Ledger, repo) -> str:
         alive = pgid is not None and group_alive(pgid)
         pid = sessions[-1].get("pid") if sessions else None
         runner_alive = pid is not None and group_alive_pid(pid)
-        state = ("training now" if alive and runner_alive else
+        since = time.time() - open_exp["time"]
+        state = (f"training now ({since:.0f} s)" if alive and runner_alive else
                  "interrupted: continue with `autoresearch run --resume`" if not runner_alive else "starting")
         lines.append(f"in flight: experiment {open_exp['exp']} ({open_exp['description']}), {state}")
     try:

@@ -135,6 +135,10 @@ class Runner:
         if others:
             raise SetupError(f"uncommitted changes to {', '.join(others[:5])} would be lost by the reset to the "
                              "best commit: commit or discard them, then rerun with --resume.")
+        if not self.ledger.best() and not self.ledger.open_experiment():
+            # No baseline yet (it crashed): the user may have committed a fix on the branch;
+            # the baseline runs on the branch as it is now.
+            self.base_commit = gitops.head_sha(self.repo)
         self._check_training_file()
         self.harness = harness_info(self.repo_root)
         self.agent.check()
@@ -246,8 +250,8 @@ class Runner:
     def loop(self) -> None:
         while not self.ledger.best():
             if not self.baseline():
-                raise RunStopped("the baseline crashed: see run.log, fix the training file, commit, and "
-                                 "run again with --resume.")
+                raise RunStopped(f"the baseline crashed: see run.log, fix {self.training_file}, commit it on "
+                                 f"{self.branch}, and run again with --resume.")
         failures = 0
         while True:
             if self.config.max_experiments is not None and self.experiments_done() >= self.config.max_experiments:
@@ -308,7 +312,7 @@ class Runner:
             attempts += 1
             fix, fix_cost = self._fix(exp, outcome.log_tail)
             cost += fix_cost
-            if fix is None:
+            if fix is None or not gitops.changed_tracked_files(self.repo):
                 break
             violation = self._violation(commit)
             if violation:

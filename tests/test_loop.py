@@ -307,3 +307,21 @@ def test_max_experiments_counts_the_whole_branch_and_resume_continues(tmp_path):
     assert len(rows) == 5 and len({r[0] for r in rows}) == 5
     sessions = ledger_records(d, "session")
     assert [s["resumed"] for s in sessions] == [False, True] and sessions[1]["agent"] == "hparam"
+
+
+def test_crashed_baseline_stops_then_resumes_on_the_users_fix(tmp_path):
+    d = tmp_path / "p"
+    repo = make_repo(d)
+    text = (d / "train_mlx.py").read_text()
+    (d / "train_mlx.py").write_text(text.replace("DEPTH = 4", "DEPTH = 9"))   # crashes (fake OOM)
+    repo.git.commit("-qam", "too deep")
+    r = run_cli(d, "run", "--agent", "hparam", "--backend", "mlx", "--tag", "b", "--max-experiments", "1")
+    assert r.returncode == 3 and "baseline crashed" in r.stdout and "--resume" in r.stdout
+    (d / "train_mlx.py").write_text(text)
+    repo.git.commit("-qam", "fix depth")
+    r = run_cli(d, "run", "--resume", "--max-experiments", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = tsv_rows(d)
+    assert [(x[3], x[4]) for x in rows] == [("crash", "baseline"), ("keep", "baseline"),
+                                            ("keep", "MATRIX_LR 0.04 -> 0.06")]
+    assert repo.git.log("-2", "--format=%s").splitlines() == ["MATRIX_LR 0.04 -> 0.06", "fix depth"]
