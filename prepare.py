@@ -498,16 +498,23 @@ def prepare_tinystories(docs_per_shard=250_000):
             f"which is not reachable, and {TINYSTORIES_REPO} is not in the local Hugging Face cache. Connect to the "
             f"network and rerun `uv run prepare.py --dataset tinystories`, or use `--dataset builtin` "
             f"(works offline).") from None
-    out = data_dir("tinystories")
-    os.makedirs(out, exist_ok=True)
-    train = ds["train"]["text"]
-    progress = _Progress("shards")
-    for s, start in enumerate(range(0, len(train), docs_per_shard)):
-        _write_parquet(os.path.join(out, f"shard_{s:05d}.parquet"), train[start:start + docs_per_shard])
-        progress.update(f"{min(start + docs_per_shard, len(train))}/{len(train)} documents")
-    _write_parquet(os.path.join(out, LOCAL_VAL_FILENAME), ds["validation"]["text"])
-    print(f"Data: {len(train)} train / {len(ds['validation'])} val stories at {out}")
+    write_hf_dataset(ds, "tinystories", docs_per_shard)
     train_tokenizer("tinystories")
+
+
+def write_hf_dataset(ds, dataset, docs_per_shard=250_000):
+    """Write a `datasets` DatasetDict with train/validation splits of a `text` column as shards."""
+    out = data_dir(dataset)
+    os.makedirs(out, exist_ok=True)
+    train, val = ds["train"], ds["validation"]
+    progress = _Progress("shards")
+    done = 0
+    for s, batch in enumerate(train.iter(batch_size=docs_per_shard)):
+        _write_parquet(os.path.join(out, f"shard_{s:05d}.parquet"), batch["text"])
+        done += len(batch["text"])
+        progress.update(f"{done}/{len(train)} documents")
+    _write_parquet(os.path.join(out, LOCAL_VAL_FILENAME), [t for b in val.iter(batch_size=100_000) for t in b["text"]])
+    print(f"Data: {len(train)} train / {len(val)} val documents at {out}")
 
 
 LOCAL_DOC_CHARS = 4000  # local .txt files are cut into documents of a few KB at paragraph boundaries
@@ -921,7 +928,8 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, backend="numpy", d
         raise HarnessError(f"unknown dataloader backend {backend!r}; valid: numpy, mlx, torch")
     ensure_prepared()
     dtype = np.int32 if backend == "mlx" else np.int64
-    rows_iter = pack_rows(_tokenized_batches(tokenizer, _document_batches(split)), B, T, buffer_size, dtype)
+    rows_iter = _prefetched(pack_rows(_tokenized_batches(tokenizer, _document_batches(split)), B, T, buffer_size,
+                                      dtype))
     if backend == "numpy":
         for rows, epoch in rows_iter:
             yield rows[:, :-1], rows[:, 1:], epoch
@@ -931,6 +939,46 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, backend="numpy", d
             yield mx.array(rows[:, :-1]), mx.array(rows[:, 1:]), epoch
     else:
         yield from _torch_batches(rows_iter, B, T, device)
+
+
+def _prefetched(iterator, depth=4):
+    """Run `iterator` in a background thread, up to `depth` items ahead, in order: reading,
+    tokenizing and packing the next batches overlaps the training step (MLX, torch and
+    tiktoken release the GIL while they work). Errors are re-raised in the consumer."""
+    import queue
+    items = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def worker():
+        try:
+            for value in iterator:
+                if not put(("value", value)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # handed to the consumer, with its traceback
+            put(("error", e))
+
+    threading.Thread(target=worker, daemon=True, name="autoresearch-dataloader").start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "value":
+                yield value
+            elif kind == "end":
+                return
+            else:
+                raise value
+    finally:
+        stop.set()  # the consumer is gone: let the worker exit
 
 
 def _torch_batches(rows_iter, B, T, device):

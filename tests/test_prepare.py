@@ -311,6 +311,20 @@ def test_tinystories_offline_fails_fast_with_the_fix(tmp_path):
     assert time.time() - t0 < 30  # plain load_dataset would retry for ~25 s before this
 
 
+def test_tinystories_splits_are_written_as_shards(fresh_cache):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": small_corpus(100, 1)}),
+                               "validation": datasets.Dataset.from_dict({"text": small_corpus(30, 2)})})
+    prepare.write_hf_dataset(ds, "tinystories", docs_per_shard=40)
+    files = [os.path.basename(f) for f in prepare.list_parquet_files("tinystories")]
+    assert files == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", "val.parquet"]
+    texts = [t for f in prepare.list_parquet_files("tinystories")[:3] for t in pq.read_table(f).column("text").to_pylist()]
+    assert texts == small_corpus(100, 1)
+    assert pq.read_table(prepare.list_parquet_files("tinystories")[3]).column("text").to_pylist() == small_corpus(30, 2)
+    prepare.train_tokenizer("tinystories")
+    prepare.ensure_prepared("tinystories")
+
+
 def test_local_folder_dataset(tmp_path):
     corpus = tmp_path / "corpus"
     (corpus / "sub").mkdir(parents=True)

@@ -145,3 +145,26 @@ def test_eval_rows_of_every_profile_are_distinct(builtin):
     # all of it but the last partial row and the cropped tails (< 256 tokens per row) is scored
     assert len(quick) * 2049 <= val_tokens < (len(quick) + 1) * 2049 + len(quick) * 256
     assert np.array_equal(quick, prepare.eval_rows(tok, prepare.PROFILES["standard"]))
+
+
+def test_prefetching_keeps_order_propagates_errors_and_stops_with_its_consumer():
+    import threading
+    assert list(prepare._prefetched(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise prepare.HarnessError("shard is corrupt")
+
+    got = []
+    with pytest.raises(prepare.HarnessError, match="shard is corrupt"):
+        for value in prepare._prefetched(failing()):
+            got.append(value)
+    assert got == [1, 2]
+    before = set(threading.enumerate())
+    endless = prepare._prefetched(itertools.count(), depth=2)
+    assert next(endless) == 0
+    (worker,) = [t for t in set(threading.enumerate()) - before if t.name == "autoresearch-dataloader"]
+    endless.close()  # e.g. the trainer's loop ends: the worker thread must not live on
+    worker.join(5)
+    assert not worker.is_alive()
