@@ -157,28 +157,29 @@ def exclude_run_outputs(repo: git.Repo, names=RUN_OUTPUTS) -> None:
             f.write("# autoresearch run outputs\n" + "\n".join(missing) + "\n")
 
 
-def hash_paths(repo_root: Path, paths=PROTECTED_PATHS) -> dict[str, str]:
-    """sha256 of each protected path's working-tree content (folders: every file, sorted).
+def hash_paths(repo: git.Repo, paths=PROTECTED_PATHS) -> dict[str, str]:
+    """sha256 over the working-tree content of each protected path (a folder: its files).
 
-    Untracked files inside a protected folder count too: a new module dropped into
-    autoresearch/ would be imported as surely as an edited one. Paths that do not exist
-    hash to "absent" so that creating them is also a change.
+    The files are the ones git sees: tracked, plus untracked ones that are not ignored (a
+    new module dropped into autoresearch/ would be imported as surely as an edited one).
+    Ignored build outputs and caches do not count. A path with no files hashes to "absent",
+    so creating it is a change too.
     """
+    base = root(repo)
+    listed = repo.git.ls_files("--cached", "--others", "--exclude-standard", "-z", "--", *paths)
+    files = sorted(set(f for f in listed.split("\0") if f))
     hashes = {}
     for rel in paths:
-        p = repo_root / rel
-        h = hashlib.sha256()
-        if p.is_file():
-            h.update(p.read_bytes())
-        elif p.is_dir() and (files := [f for f in sorted(p.rglob("*")) if f.is_file()
-                                       and "__pycache__" not in f.parts and f.suffix != ".pyc"]):
-            for f in files:
-                h.update(str(f.relative_to(p)).encode() + b"\0")
-                h.update(f.read_bytes())
-                h.update(b"\0")
-        else:  # missing, or a folder without files (what git can restore)
+        mine = [f for f in files if f == rel or f.startswith(rel.rstrip("/") + "/")]
+        if not mine:
             hashes[rel] = "absent"
             continue
+        h = hashlib.sha256()
+        for f in mine:
+            p = base / f
+            h.update(f.encode() + b"\0")
+            h.update(p.read_bytes() if p.is_file() else b"<deleted>")
+            h.update(b"\0")
         hashes[rel] = h.hexdigest()
     return hashes
 

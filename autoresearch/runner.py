@@ -194,7 +194,7 @@ class Runner:
             self.out(f"Removed files added to protected folders: {', '.join(removed)}")
 
     def _record_protected(self) -> None:
-        self.protected = gitops.hash_paths(self.repo_root)
+        self.protected = gitops.hash_paths(self.repo)
         self.protected_untracked = gitops.untracked_files(self.repo)
 
     def _reset(self, commit: str) -> None:
@@ -204,7 +204,7 @@ class Runner:
         removed = gitops.remove_new_untracked(self.repo, self.protected_untracked)
         if removed:
             self.out(f"Removed files added to protected folders: {', '.join(removed)}")
-        now = gitops.hash_paths(self.repo_root)
+        now = gitops.hash_paths(self.repo)
         touched = [p for p, h in now.items() if self.protected.get(p) != h]
         if touched:
             raise RunStopped(f"protected files {', '.join(touched)} changed and cannot be restored by git "
@@ -393,7 +393,7 @@ class Runner:
         others = [f for f in gitops.changed_tracked_files(self.repo) if f != self.training_file]
         if others:
             return f"changed {', '.join(others[:5])} (only {self.training_file} may change)"
-        now = gitops.hash_paths(self.repo_root)
+        now = gitops.hash_paths(self.repo)
         touched = [p for p, h in now.items() if self.protected.get(p) != h]
         if touched:
             return f"modified protected {', '.join(touched)}"

@@ -177,10 +177,16 @@ def test_violations_are_logged_invalid_and_never_run(tmp_path):
         (ctx.repo_root / "autoresearch").mkdir(exist_ok=True)
         (ctx.repo_root / "autoresearch" / "runner.py").write_text("# replaced\n")
 
+    def fine_with_ignored_cache(ctx):
+        set_const("MATRIX_LR", 0.06)(ctx)
+        # Ignored build output inside a protected folder (bytecode, compiled kernels) is no violation.
+        cache = ctx.repo_root / "autoresearch" / "__pycache__"
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "gitops.cpython-311.pyc").write_bytes(b"\0" * 16)
+
     agent = ScriptedAgent([("p", touch_prepare), ("m", touch_program), ("c", agent_commits),
-                           ("u", untracked_protected), ("fine", set_const("MATRIX_LR", 0.06))])
+                           ("u", untracked_protected), ("fine", fine_with_ignored_cache)])
     runner = make_runner(d, agent, max_experiments=5)
-    runs_before = []
     assert run(runner, resume=False) == 0
     rows = tsv_rows(d)
     assert [r[3] for r in rows] == ["keep", "invalid", "invalid", "invalid", "invalid", "keep"]
