@@ -13,6 +13,11 @@ One experiment, in order (the names in brackets are the fault-injection points):
   8. keep: the branch stays advanced; else reset to the best     [before_reset]
 
 `run --resume` heals a kill at any of these points: see `Runner.recover`.
+
+Extension points (kept small on purpose): `Runner.decide` is the one keep/discard rule
+(`decide_greedy` by default); `Trainer` carries the command, the training file and the
+log parser; `Agent` is the proposal interface. A different metric or keep rule plugs in
+there without touching the git/ledger/resume machinery.
 """
 from __future__ import annotations
 

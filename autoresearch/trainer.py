@@ -131,6 +131,10 @@ class Trainer:
                 timed_out = True
                 kill_group(proc.pid, grace_s=5.0)
                 proc.wait()
+            except BaseException:      # Ctrl-C / SIGTERM of the runner: take the trainer down too
+                kill_group(proc.pid, grace_s=0.0)
+                proc.wait()
+                raise
             finally:
                 kill_group(proc.pid, grace_s=0.0)
         seconds = time.monotonic() - t0

@@ -130,3 +130,28 @@ def test_status_shows_an_interrupted_experiment(tmp_path):
     time.sleep(0.6)   # let the orphaned trainer finish on its own
     s = run_cli(d, "status")
     assert s.returncode == 0 and "in flight: experiment 1" in s.stdout and "--resume" in s.stdout
+
+
+def test_sigterm_stops_cleanly_kills_the_trainer_and_resumes(tmp_path):
+    import subprocess
+    import sys
+    d = tmp_path / "p"
+    make_repo(d)
+    proc = subprocess.Popen([sys.executable, "-m", "autoresearch.cli", *RUN], cwd=d,
+                            env=cli_env(FAKE_TRAIN_SECONDS="5"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and not (d / "ledger.jsonl").exists() or \
+            not ledger_records(d, "spawn"):
+        time.sleep(0.05)
+    pgid = ledger_records(d, "spawn")[0]["pgid"]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "--resume" in err
+    time.sleep(0.5)                          # let init reap the trainer's own children
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)                  # the trainer went down with the runner
+    r = run_cli(d, "run", "--resume", "--max-experiments", str(N))
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = check_consistent(d)
+    assert rows[0][3] == "crash" and rows[0][4] == "baseline (interrupted)" and rows[1][4] == "baseline"
