@@ -383,3 +383,20 @@ def test_claude_settings_register_the_hook_and_command():
     assert any("Edit" in e["matcher"] and "Bash" in e["matcher"] for e in entries)
     assert (PROJECT / ".claude" / "commands" / "experiment.md").exists()
     assert "program.md" in (PROJECT / "CLAUDE.md").read_text()
+
+
+def test_claude_code_logged_out_stops_with_a_clear_error(tmp_path, fake_claude):
+    d = tmp_path / "p"
+    make_repo(d)
+    r = run_cli(d, "run", "--agent", "claude-code", "--backend", "mlx", "--tag", "lo", "--max-experiments", "1",
+                env=cli_env(PATH=os.environ["PATH"], FAKE_CLAUDE_LOG=str(fake_claude), FAKE_CLAUDE_MODE="logged_out"))
+    assert r.returncode == 2 and "log in" in r.stderr and "Traceback" not in r.stderr
+    assert len(tsv_rows(d)) == 1          # the baseline ran; nothing else was logged
+
+
+def test_anthropic_rejected_key_mid_run_is_a_setup_error(tmp_path, stub):
+    d = tmp_path / "p"
+    make_repo(d)
+    stub.fail_next = [401]
+    with pytest.raises(SetupError, match="ANTHROPIC_API_KEY"):
+        AnthropicAgent(client=client_for(stub)).propose(Context(d, "train_mlx.py", "p", "d", []))

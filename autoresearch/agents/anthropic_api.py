@@ -205,6 +205,9 @@ class AnthropicAgent(Agent):
             try:
                 resp = self.client.messages.create(model=self.model, max_tokens=MAX_TOKENS, system=system,
                                                    tools=[EDITOR_TOOL], messages=messages)
+            except (anthropic.AuthenticationError, anthropic.PermissionDeniedError) as e:
+                raise SetupError(f"the Anthropic API refused the key ({e.status_code}): check ANTHROPIC_API_KEY, "
+                                 "then --resume.") from None
             except (anthropic.APIConnectionError, anthropic.RateLimitError, anthropic.InternalServerError) as e:
                 raise AgentUnavailable(f"Anthropic API unavailable after retries: {e}", cost) from None
             except anthropic.APIStatusError as e:

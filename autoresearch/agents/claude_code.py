@@ -17,6 +17,8 @@ from .anthropic_api import FIX_PROMPT, PROMPT, description_from
 from ..trainer import SetupError
 
 CALL_TIMEOUT_S = 1800
+# Result texts that mean "fix your credentials", not "try again later".
+AUTH_ERRORS = ("invalid api key", "please run /login", "authentication_error", "oauth token has expired")
 
 
 class ClaudeCodeAgent(Agent):
@@ -68,6 +70,10 @@ class ClaudeCodeAgent(Agent):
             raise BudgetExhausted("claude -p stopped at --max-budget-usd", cost)
         if subtype == "error_max_turns":
             raise AgentFailed(f"claude -p used all {self.max_turns} turns without finishing", cost)
+        text = str(out.get("result", ""))
+        if out.get("is_error") and any(k in text.lower() for k in AUTH_ERRORS):
+            raise SetupError(f"Claude Code is not logged in or its key was rejected ({text[:200]}): run `claude` "
+                             "once and log in, or set ANTHROPIC_API_KEY; then --resume.")
         if proc.returncode != 0 or out.get("is_error"):
             # API errors (overloaded, rate limited, network) end like this: pause and retry.
             raise AgentUnavailable(f"claude -p failed (exit {proc.returncode}, subtype {subtype!r}): "

@@ -6,6 +6,7 @@ It records its argv, then behaves per FAKE_CLAUDE_MODE:
   overloaded_once first call: an API 529 (subtype "success", is_error true, exit 1); then edit
   noedit          report success without editing
   max_turns       stop with subtype error_max_turns
+  logged_out      the CLI's answer when it has no valid credentials
 Each call costs FAKE_CLAUDE_COST dollars (default 0.05).
 """
 import json
@@ -32,6 +33,8 @@ def result(text, subtype="success", is_error=False, code=0):
 if mode == "overloaded_once" and calls == 1:
     result('API Error: 529 {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}',
            is_error=True, code=1)
+if mode == "logged_out":
+    result("Invalid API key · Please run /login", is_error=True, code=1)
 if mode == "max_turns":
     result("", subtype="error_max_turns", is_error=True, code=1)
 if mode == "noedit":
