@@ -7,11 +7,12 @@ kernels receive W already clamped to T (plain causal).
 
 Tiles. Work is done in 8x8 simdgroup matrices (float accumulation whatever the input dtype).
 - forward and dQ: 32 query rows per threadgroup, 4 simdgroups of 8 rows; keys in blocks of 32
-  at head dim 64 and 16 at 128, so K and V blocks in threadgroup memory stay at 16 KB
-  (2 * BK * D * 4 bytes) and the per-thread fragments (Q, O or dO, dQ) fit in registers.
+  at head dim 64 and 16 at 128, so K and V blocks in threadgroup memory stay near 16 KB
+  (2 * BK * (D + 4) * 4 bytes; rows padded by 4 floats so that the transposed fragment loads,
+  8 rows x 8 columns across a simdgroup, fall in 32 distinct banks) and the per-thread fragments (Q, O or dO, dQ) fit in registers.
 - dK/dV: parallel over key blocks, so no atomics: 32 keys in 4 simdgroups with 32-query
   blocks at head dim 64; 16 keys in 2 simdgroups with 16-query blocks at 128 (four D-wide
-  fragment rows per thread, dK, dV, K, V, would spill with larger tiles). 16 KB + 2*BQ floats.
+  fragment rows per thread, dK, dV, K, V, would spill with larger tiles). ~17 KB.
 Masking. A key block is skipped when the whole block lies outside every row's band (loop
 bounds), and masked element by element only when the block straddles the diagonal, the
 window edge or the end of the sequence; interior blocks take the unmasked path.
@@ -71,8 +72,9 @@ FORWARD_SOURCE = _PRELUDE + """
   constexpr int BQ = 8 * NSG;
   constexpr int BK = D <= 64 ? 32 : 16;
   constexpr int NT = 32 * NSG;
-  threadgroup float Ks[BK * D];
-  threadgroup float Vs[BK * D];
+  constexpr int LD = D + 4;  // padded rows: transposed fragment loads hit 32 distinct banks
+  threadgroup float Ks[BK * LD];
+  threadgroup float Vs[BK * LD];
   const int q0 = blk * BQ;
   const int row = q0 + sg * 8 + fr;
   const int q_hi = metal::min(T_len, q0 + BQ) - 1;
@@ -91,9 +93,10 @@ FORWARD_SOURCE = _PRELUDE + """
     const int k0 = kb * BK;
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (int i = tid; i < BK * D; i += NT) {
-      const bool in = k0 + i / D < T_len;
-      Ks[i] = in ? float(k[base + (size_t)k0 * D + i]) : 0.0f;
-      Vs[i] = in ? float(v[base + (size_t)k0 * D + i]) : 0.0f;
+      const int r = i / D, c = i % D;
+      const bool inside = k0 + r < T_len;
+      Ks[r * LD + c] = inside ? float(k[base + (size_t)k0 * D + i]) : 0.0f;
+      Vs[r * LD + c] = inside ? float(v[base + (size_t)k0 * D + i]) : 0.0f;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -102,7 +105,7 @@ FORWARD_SOURCE = _PRELUDE + """
       fa_zero(S[j]);
       for (int d = 0; d < D / 8; d++) {
         simdgroup_matrix<float, 8, 8> Kt;
-        fa_load_t(Kt, Ks, D, j * 8, d * 8, fr, fc);
+        fa_load_t(Kt, Ks, LD, j * 8, d * 8, fr, fc);
         simdgroup_multiply_accumulate(S[j], Qf[d], Kt, S[j]);
       }
     }
@@ -133,10 +136,11 @@ FORWARD_SOURCE = _PRELUDE + """
     l = l * factor + rs;
     m = mnew;
     for (int d = 0; d < D / 8; d++) {
-      Of[d].thread_elements() *= factor;
+      Of[d].thread_elements()[0] *= factor;
+      Of[d].thread_elements()[1] *= factor;
       for (int j = 0; j < BK / 8; j++) {
         simdgroup_matrix<float, 8, 8> Vf;
-        fa_load(Vf, Vs, D, j * 8, d * 8, fr, fc);
+        fa_load(Vf, Vs, LD, j * 8, d * 8, fr, fc);
         simdgroup_multiply_accumulate(Of[d], S[j], Vf, Of[d]);
       }
     }
@@ -155,8 +159,9 @@ DQ_SOURCE = _PRELUDE + """
   constexpr int BQ = 8 * NSG;
   constexpr int BK = D <= 64 ? 32 : 16;
   constexpr int NT = 32 * NSG;
-  threadgroup float Ks[BK * D];
-  threadgroup float Vs[BK * D];
+  constexpr int LD = D + 4;  // padded rows: transposed fragment loads hit 32 distinct banks
+  threadgroup float Ks[BK * LD];
+  threadgroup float Vs[BK * LD];
   const int q0 = blk * BQ;
   const int row = q0 + sg * 8 + fr;
   const int q_hi = metal::min(T_len, q0 + BQ) - 1;
@@ -181,9 +186,10 @@ DQ_SOURCE = _PRELUDE + """
     const int k0 = kb * BK;
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (int i = tid; i < BK * D; i += NT) {
-      const bool in = k0 + i / D < T_len;
-      Ks[i] = in ? float(k[base + (size_t)k0 * D + i]) : 0.0f;
-      Vs[i] = in ? float(v[base + (size_t)k0 * D + i]) : 0.0f;
+      const int r = i / D, c = i % D;
+      const bool inside = k0 + r < T_len;
+      Ks[r * LD + c] = inside ? float(k[base + (size_t)k0 * D + i]) : 0.0f;
+      Vs[r * LD + c] = inside ? float(v[base + (size_t)k0 * D + i]) : 0.0f;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -194,9 +200,9 @@ DQ_SOURCE = _PRELUDE + """
       fa_zero(dP[j]);
       for (int d = 0; d < D / 8; d++) {
         simdgroup_matrix<float, 8, 8> Xt;
-        fa_load_t(Xt, Ks, D, j * 8, d * 8, fr, fc);
+        fa_load_t(Xt, Ks, LD, j * 8, d * 8, fr, fc);
         simdgroup_multiply_accumulate(S[j], Qf[d], Xt, S[j]);
-        fa_load_t(Xt, Vs, D, j * 8, d * 8, fr, fc);
+        fa_load_t(Xt, Vs, LD, j * 8, d * 8, fr, fc);
         simdgroup_multiply_accumulate(dP[j], dOf[d], Xt, dP[j]);
       }
     }
@@ -211,7 +217,7 @@ DQ_SOURCE = _PRELUDE + """
     for (int d = 0; d < D / 8; d++)
       for (int j = 0; j < BK / 8; j++) {
         simdgroup_matrix<float, 8, 8> Kf;
-        fa_load(Kf, Ks, D, j * 8, d * 8, fr, fc);
+        fa_load(Kf, Ks, LD, j * 8, d * 8, fr, fc);
         simdgroup_multiply_accumulate(dQf[d], S[j], Kf, dQf[d]);
       }
   }
@@ -227,8 +233,9 @@ DKDV_SOURCE = _PRELUDE + """
   constexpr int BKV = 8 * NSG;           // keys per threadgroup
   constexpr int BQ = D <= 64 ? 32 : 16;  // queries per block
   constexpr int NT = 32 * NSG;
-  threadgroup float Qs[BQ * D];
-  threadgroup float dOs[BQ * D];
+  constexpr int LD = D + 4;  // padded rows: transposed fragment loads hit 32 distinct banks
+  threadgroup float Qs[BQ * LD];
+  threadgroup float dOs[BQ * LD];
   threadgroup float L2s[BQ];
   threadgroup float Ds[BQ];
   const int k0 = blk * BKV;
@@ -255,14 +262,15 @@ DKDV_SOURCE = _PRELUDE + """
     const int q0 = qb * BQ;
     threadgroup_barrier(mem_flags::mem_threadgroup);
     for (int i = tid; i < BQ * D; i += NT) {
-      const bool in = q0 + i / D < T_len;
-      Qs[i] = in ? float(q[base + (size_t)q0 * D + i]) : 0.0f;
-      dOs[i] = in ? float(dout[base + (size_t)q0 * D + i]) : 0.0f;
+      const int r = i / D, c = i % D;
+      const bool inside = q0 + r < T_len;
+      Qs[r * LD + c] = inside ? float(q[base + (size_t)q0 * D + i]) : 0.0f;
+      dOs[r * LD + c] = inside ? float(dout[base + (size_t)q0 * D + i]) : 0.0f;
     }
     for (int i = tid; i < BQ; i += NT) {
-      const bool in = q0 + i < T_len;
-      L2s[i] = in ? lse[bh * T_len + q0 + i] * 1.4426950408889634f : 0.0f;
-      Ds[i] = in ? delta[bh * T_len + q0 + i] : 0.0f;
+      const bool inside = q0 + i < T_len;
+      L2s[i] = inside ? lse[bh * T_len + q0 + i] * 1.4426950408889634f : 0.0f;
+      Ds[i] = inside ? delta[bh * T_len + q0 + i] : 0.0f;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -274,9 +282,9 @@ DKDV_SOURCE = _PRELUDE + """
       fa_zero(dPt[j]);
       for (int d = 0; d < D / 8; d++) {
         simdgroup_matrix<float, 8, 8> Xt;
-        fa_load_t(Xt, Qs, D, j * 8, d * 8, fr, fc);
+        fa_load_t(Xt, Qs, LD, j * 8, d * 8, fr, fc);
         simdgroup_multiply_accumulate(St[j], Kf[d], Xt, St[j]);
-        fa_load_t(Xt, dOs, D, j * 8, d * 8, fr, fc);
+        fa_load_t(Xt, dOs, LD, j * 8, d * 8, fr, fc);
         simdgroup_multiply_accumulate(dPt[j], Vf[d], Xt, dPt[j]);
       }
     }
@@ -293,9 +301,9 @@ DKDV_SOURCE = _PRELUDE + """
     for (int d = 0; d < D / 8; d++)
       for (int j = 0; j < BQ / 8; j++) {
         simdgroup_matrix<float, 8, 8> X;
-        fa_load(X, dOs, D, j * 8, d * 8, fr, fc);
+        fa_load(X, dOs, LD, j * 8, d * 8, fr, fc);
         simdgroup_multiply_accumulate(dVf[d], St[j], X, dVf[d]);
-        fa_load(X, Qs, D, j * 8, d * 8, fr, fc);
+        fa_load(X, Qs, LD, j * 8, d * 8, fr, fc);
         simdgroup_multiply_accumulate(dKf[d], dPt[j], X, dKf[d]);
       }
   }
@@ -386,6 +394,6 @@ def threadgroup_memory_bytes(call: KernelCall) -> int:
     D = dict(call.template)["D"]
     if call.name == "fa_bwd_dkdv":
         bq = 32 if D <= 64 else 16
-        return 4 * (2 * bq * D + 2 * bq)
+        return 4 * (2 * bq * (D + 4) + 2 * bq)
     bk = 32 if D <= 64 else 16
-    return 4 * 2 * bk * D
+    return 4 * 2 * bk * (D + 4)

@@ -14,7 +14,8 @@
 #define MSLCPU_UCONTEXT 1
 #endif
 #if defined(MSLCPU_UCONTEXT) && defined(__APPLE__)
-#define _XOPEN_SOURCE 600
+#define _XOPEN_SOURCE 600  // macOS exposes ucontext only with it...
+#define _DARWIN_C_SOURCE   // ...which would otherwise hide MAP_ANONYMOUS
 #endif
 #include <algorithm>
 #include <atomic>
@@ -353,6 +354,7 @@ inline void ensure_capacity(Worker* w, int n) {
   size_t per = kStack + 4096;  // guard page below each stack
   char* mem = (char*)mmap(nullptr, per * n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (mem == MAP_FAILED) { perror("mslcpu: mmap fiber stacks"); abort(); }
+  if (w->stacks) munmap(w->stacks, per * w->nstacks);  // a larger group than before: replace
   w->fibers.assign(n, Fiber());
   for (int i = 0; i < n; i++) {
     mprotect(mem + per * i, 4096, PROT_NONE);
