@@ -440,19 +440,68 @@ class Runner:
             **{"cost_usd": 0.0, "baseline": False, **fields})
 
 
+def _process_is_runner(pid: int) -> bool:
+    """Whether pid is alive and (where /proc tells) an autoresearch process, not a reused pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            return b"autoresearch" in cmdline.read_bytes()
+        except OSError:
+            return True
+    return True
+
+
+class RunnerLock:
+    """One runner per repository: .git/autoresearch.lock holds the pid of the live one.
+
+    A lock left by a killed runner (its pid gone) is stale and taken over."""
+
+    def __init__(self, git_dir: Path):
+        self.path = Path(git_dir) / "autoresearch.lock"
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _process_is_runner(pid):
+                    raise SetupError(f"another autoresearch runner (pid {pid}) is working in this repository: "
+                                     f"wait for it or stop it first (kill {pid}).")
+                self.path.unlink(missing_ok=True)   # stale: its runner is gone
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return self
+        raise SetupError(f"cannot take {self.path}: remove it if no runner is active.")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
 def run(runner: Runner, resume: bool) -> int:
     """Set up or resume, then loop; returns a process exit code."""
-    if resume:
-        runner.resume()
-    else:
-        runner.start()
-    try:
-        runner.loop()
-    except RunStopped as e:
-        runner.out(f"Stopped: {e}")
-        return 3
-    finally:
-        if runner.ledger.best():
+    with RunnerLock(Path(runner.repo.git_dir)):
+        if resume:
+            runner.resume()
+        else:
+            runner.start()
+        try:
+            runner.loop()
+        except RunStopped as e:
+            runner.out(f"Stopped: {e}")
+            return 3
+        finally:
             best = runner.ledger.best()
-            runner.out(f"Best: val_bpb {best['val_bpb']:.6f} at {best['commit_short']} ({best['description']}).")
+            if best:
+                runner.out(f"Best: val_bpb {best['val_bpb']:.6f} at {best['commit_short']} ({best['description']}).")
     return 0

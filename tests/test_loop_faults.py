@@ -145,9 +145,13 @@ def test_sigterm_stops_cleanly_kills_the_trainer_and_resumes(tmp_path):
             not ledger_records(d, "spawn"):
         time.sleep(0.05)
     pgid = ledger_records(d, "spawn")[0]["pgid"]
+    second = run_cli(d, "run", "--resume", "--max-experiments", str(N))   # while the first one runs
+    assert second.returncode == 2 and "another autoresearch runner" in second.stderr
+    assert (d / ".git" / "autoresearch.lock").read_text() == str(proc.pid)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "--resume" in err
+    assert not (d / ".git" / "autoresearch.lock").exists()
     time.sleep(0.5)                          # let init reap the trainer's own children
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)                  # the trainer went down with the runner
