@@ -724,6 +724,8 @@ def main():
 
     t_end = time.time()
     timed_steps = step - untimed_steps
+    if total_training_time > 0:
+        print(f"Throughput: {TOTAL_BATCH_SIZE * timed_steps / total_training_time:,.0f} tokens/s over {timed_steps} timed steps")
     steady_state_mfu = (100 * num_flops_per_token * TOTAL_BATCH_SIZE * timed_steps / total_training_time / device_peak
                         if total_training_time > 0 else 0.0)
     fields = summary_fields()
