@@ -223,3 +223,32 @@ def test_nan_loss_fails_fast(builtin_cache, tmp_path):
     assert result.returncode == 1
     assert "FAIL: training loss is nan" in result.stdout
     assert "\n---\n" not in result.stdout
+
+
+@pytest.mark.slow
+def test_compiled_paths_on_cpu(monkeypatch):
+    """The CUDA code paths that a CPU can run: torch.compile of the model and of the fused
+    optimizer steps (fullgraph), and compiled flex attention (forward; flex has no CPU backward).
+    Minutes on a small CPU, which is why train.py compiles on CUDA only."""
+    torch.manual_seed(0)
+    config = train.GPTConfig(sequence_len=128, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    model = train.GPT(config)
+    model.init_weights()
+    optimizer = model.setup_optimizer(compile=True)
+    monkeypatch.setattr(train, "ATTENTION_KIND", "sdpa")
+    compiled = torch.compile(model, dynamic=False)
+    x = torch.randint(0, 256, (2, 128))
+    losses = []
+    for _ in range(3):
+        loss = compiled(x, x)
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with torch.no_grad():
+        eager_sdpa = model(x)
+        monkeypatch.setattr(train, "ATTENTION_KIND", "flex")
+        torch._dynamo.reset()
+        compiled_flex = torch.compile(model, dynamic=False)(x)
+    torch.testing.assert_close(compiled_flex, eager_sdpa, rtol=1e-4, atol=1e-4)
