@@ -94,16 +94,34 @@ def _identity_args(repo: git.Repo) -> list[str]:
     return args
 
 
-def commit_file(repo: git.Repo, path: str, message: str) -> str:
-    """Commit exactly one file (the training file) and return the new HEAD sha."""
+RUNNER_TRAILER = "Autoresearch-Exp"
+
+
+def commit_file(repo: git.Repo, path: str, message: str, exp: int | None = None) -> str:
+    """Commit exactly one file (the training file) and return the new HEAD sha. The
+    runner's commits carry an `Autoresearch-Exp: N` trailer so a resume can tell them from
+    commits a human made on the branch."""
     repo.git.add("--", path)
     args = _identity_args(repo)
-    repo.git.execute(["git", *args, "commit", "-q", "--no-verify", "-m", message, "--", path])
+    full = message if exp is None else f"{message}\n\n{RUNNER_TRAILER}: {exp}"
+    repo.git.execute(["git", *args, "commit", "-q", "--no-verify", "-m", full, "--", path])
     return head_sha(repo)
 
 
 def commit_message(repo: git.Repo, sha: str) -> str:
     return repo.git.log("-1", "--format=%s", sha)
+
+
+def runner_exp_of(repo: git.Repo, sha: str) -> int | None:
+    """The experiment number in a runner commit's trailer, or None for other commits."""
+    body = repo.git.log("-1", "--format=%B", sha)
+    for line in body.splitlines():
+        if line.startswith(RUNNER_TRAILER + ":"):
+            try:
+                return int(line.split(":", 1)[1])
+            except ValueError:
+                return None
+    return None
 
 
 def reset_hard(repo: git.Repo, sha: str) -> None:

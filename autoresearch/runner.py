@@ -176,7 +176,7 @@ class Runner:
         open_exp = self.ledger.open_experiment()
         if open_exp:
             pgid = self.ledger.spawned_pgid(open_exp["exp"])
-            if pgid and group_alive(pgid):
+            if pgid and group_alive(pgid) and self._ours(pgid):
                 kill_group(pgid, grace_s=2.0)
                 self.out(f"Killed the orphaned trainer of experiment {open_exp['exp']} (process group {pgid}).")
             self._write_result(open_exp["exp"], open_exp["commit"], "crash",
@@ -187,6 +187,11 @@ class Runner:
             known = {r.get("commit") for r in self.ledger.records() if r.get("commit")}
             best = self.best_commit()
             if head != best and head not in known and gitops.is_ancestor(self.repo, best, head):
+                if gitops.runner_exp_of(self.repo, head) is None:
+                    raise SetupError(
+                        f"{self.branch} has commits the runner did not make on top of the best commit "
+                        f"{gitops.short(best)} (HEAD {gitops.short(head)}: {gitops.commit_message(self.repo, head)!r}). "
+                        f"Move them to another branch, `git reset --hard {gitops.short(best)}`, then --resume.")
                 desc = gitops.commit_message(self.repo, head)
                 self._write_result(self.ledger.next_exp(), head, "crash", desc + " (interrupted before it ran)",
                                    note="runner killed between the commit and the start record")
@@ -197,6 +202,17 @@ class Runner:
         removed = gitops.remove_new_untracked(self.repo, self.protected_untracked)
         if removed:
             self.out(f"Removed files added to protected folders: {', '.join(removed)}")
+
+    def _ours(self, pgid: int) -> bool:
+        """Whether a recorded trainer process group is still ours: its leader, if it still
+        exists, runs in this repository (guards against a reused pid)."""
+        cwd = Path(f"/proc/{pgid}/cwd")
+        try:
+            return Path(os.readlink(cwd)) == self.repo_root
+        except FileNotFoundError:
+            return True          # leader gone (or no /proc): the group is what is left of ours
+        except OSError:
+            return False
 
     def _record_protected(self) -> None:
         self.protected = gitops.hash_paths(self.repo)
@@ -306,7 +322,7 @@ class Runner:
                                cost_usd=cost, agent_meta=proposal.meta, usage=proposal.usage)
             self._reset(best_commit)
             return
-        commit = gitops.commit_file(self.repo, self.training_file, proposal.description)
+        commit = gitops.commit_file(self.repo, self.training_file, proposal.description, exp=exp)
         crash_point("after_commit", exp)
         self.ledger.append("start", exp=exp, commit=commit, parent=best_commit, description=proposal.description,
                            cost_usd=cost)
@@ -325,7 +341,7 @@ class Runner:
                 self.out(f"[{exp}] fix attempt {attempts} rejected: {violation}")
                 break
             description = fix.description
-            commit = gitops.commit_file(self.repo, self.training_file, f"fix: {fix.description}")
+            commit = gitops.commit_file(self.repo, self.training_file, f"fix: {fix.description}", exp=exp)
             self.ledger.append("start", exp=exp, commit=commit, parent=best_commit, description=description,
                                cost_usd=cost, fix_attempt=attempts)
             self.out(f"[{exp}] fix attempt {attempts}: {fix.description} ({gitops.short(commit)})")

@@ -159,3 +159,16 @@ def test_sigterm_stops_cleanly_kills_the_trainer_and_resumes(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     rows = check_consistent(d)
     assert rows[0][3] == "crash" and rows[0][4] == "baseline (interrupted)" and rows[1][4] == "baseline"
+
+
+def test_resume_refuses_to_discard_a_commit_the_user_made(tmp_path):
+    d = tmp_path / "p"
+    make_repo(d)
+    assert run_cli(d, *RUN[:-1], "1").returncode == 0
+    repo = git.Repo(d)
+    (d / "notes.txt").write_text("my notes")
+    repo.git.add("notes.txt")
+    repo.git.commit("-qm", "my notes")
+    r = run_cli(d, "run", "--resume", "--max-experiments", "2")
+    assert r.returncode == 2 and "did not make" in r.stderr and "my notes" in r.stderr
+    assert (d / "notes.txt").exists() and repo.head.commit.message.strip() == "my notes"

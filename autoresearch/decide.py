@@ -1,0 +1,198 @@
+"""Keep or discard: the decision rules, and the noise floor they rely on.
+
+Two rules, chosen with `autoresearch run --decide`:
+
+  greedy   upstream's rule: keep a result strictly better than the best, whatever the margin.
+           Re-running an unchanged training file moves val_bpb by a few hundredths, so half of
+           all no-op edits are "improvements" to greedy, and its running best is an optimistic
+           running minimum of noise.
+  noise    (the default) uses the measured noise floor sigma (the spread of one run of the
+           same file under different seeds, see `autoresearch noise`). With z the one-sided
+           normal quantile of --confidence and n_best the runs behind the best's value:
+             - not better than the best: discard, no re-run;
+             - better by at least z * sigma * sqrt(1 + 1/n_best): keep at once;
+             - better by less: re-run the candidate with new seeds (--reruns, default 2) and
+               keep it only if the mean of its runs is still better by
+               z * sigma * sqrt(1/n_runs + 1/n_best). The kept value is that mean, so the best
+               carries the number of runs behind it into the next comparison.
+
+Identical training files (same git blob) are never run twice: a candidate equal to an
+earlier experiment is logged with that experiment's result and reset without training.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+DECIDE_RULES = ("noise", "greedy")
+DEFAULT_CONFIDENCE = 0.95
+DEFAULT_RERUNS = 2
+DEFAULT_NOISE_RUNS = 5
+
+
+@dataclass
+class Best:
+    """The value to beat and how many runs stand behind it."""
+    value: float
+    runs: int = 1
+
+
+@dataclass
+class Verdict:
+    status: str                      # keep | discard
+    value: float                     # the estimate to record: the mean of `runs`
+    runs: list = field(default_factory=list)     # every measured value, first run first
+    seeds: list = field(default_factory=list)    # the seed offset of each re-run (1, 2, ...)
+    reason: str = ""
+
+    @property
+    def reruns(self) -> int:
+        return len(self.runs) - 1
+
+
+def gain(value: float, best: float, direction: str) -> float:
+    """How much better `value` is than `best` (positive = better) for a min or max target."""
+    return best - value if direction == "min" else value - best
+
+
+class Greedy:
+    name = "greedy"
+    sigma = None
+
+    def decide(self, value: float, best: Best, rerun: Callable[[int], float | None],
+               direction: str = "min") -> Verdict:
+        better = gain(value, best.value, direction) > 0
+        return Verdict("keep" if better else "discard", value, [value],
+                       reason="better than the best" if better else "not better than the best")
+
+
+class NoiseAware:
+    name = "noise"
+
+    def __init__(self, sigma: float, confidence: float = DEFAULT_CONFIDENCE, reruns: int = DEFAULT_RERUNS):
+        if not 0.5 <= confidence < 1:
+            raise ValueError(f"--confidence {confidence}: use a probability in [0.5, 1), e.g. 0.95.")
+        if sigma < 0 or not math.isfinite(sigma):
+            raise ValueError(f"noise floor sigma {sigma} must be a finite number >= 0.")
+        self.sigma = sigma
+        self.confidence = confidence
+        self.reruns = reruns
+        self.z = statistics.NormalDist().inv_cdf(confidence)
+
+    def margin(self, n_runs: int, n_best: int) -> float:
+        """The gain a mean of n_runs must show over a best measured n_best times."""
+        return self.z * self.sigma * math.sqrt(1.0 / n_runs + 1.0 / max(n_best, 1))
+
+    def decide(self, value: float, best: Best, rerun: Callable[[int], float | None],
+               direction: str = "min") -> Verdict:
+        first_gain = gain(value, best.value, direction)
+        if first_gain <= 0:
+            return Verdict("discard", value, [value], reason="not better than the best")
+        need = self.margin(1, best.runs)
+        if first_gain >= need:
+            return Verdict("keep", value, [value],
+                           reason=f"better by {first_gain:.6g} >= {need:.6g} (z={self.z:.2f}, sigma={self.sigma:.6g})")
+        runs, seeds = [value], []
+        for i in range(1, self.reruns + 1):
+            v = rerun(i)
+            seeds.append(i)
+            if v is None or not math.isfinite(v):
+                return Verdict("discard", statistics.fmean(runs), runs, seeds,
+                               reason=f"re-run {i} crashed: a change that does not run reliably is not kept")
+            runs.append(v)
+        mean = statistics.fmean(runs)
+        mean_gain = gain(mean, best.value, direction)
+        need = self.margin(len(runs), best.runs)
+        status = "keep" if mean_gain >= need else "discard"
+        return Verdict(status, mean, runs, seeds,
+                       reason=f"mean of {len(runs)} runs better by {mean_gain:.6g} "
+                              f"{'>=' if status == 'keep' else '<'} {need:.6g}")
+
+
+def make_decider(rule: str, sigma: float | None, confidence: float = DEFAULT_CONFIDENCE,
+                 reruns: int = DEFAULT_RERUNS):
+    """The rule object; `noise` without a measured sigma is an error the caller handles
+    (the runner measures the noise floor at the baseline first)."""
+    if rule == "greedy":
+        return Greedy()
+    if rule == "noise":
+        if sigma is None:
+            raise ValueError("the noise rule needs a noise floor: run `autoresearch noise` first.")
+        return NoiseAware(sigma, confidence, reruns)
+    raise ValueError(f"unknown --decide rule {rule!r}: use one of {', '.join(DECIDE_RULES)}.")
+
+
+# -- the noise floor -------------------------------------------------------------------------
+def spread(values: list[float]) -> dict:
+    """mean, sample standard deviation, min, max, n of repeated runs."""
+    n = len(values)
+    return {"n": n, "mean": statistics.fmean(values) if n else None,
+            "std": statistics.stdev(values) if n > 1 else None,
+            "min": min(values) if n else None, "max": max(values) if n else None}
+
+
+def comparable(record: dict, harness: dict, backend: str) -> bool:
+    """A noise record applies to a run of the same backend, profile, dataset, eval size and
+    target (metric command)."""
+    h = record.get("harness") or {}
+    return (record.get("backend") == backend
+            and all(h.get(k) == harness.get(k) for k in ("profile", "dataset", "eval_tokens", "metric_cmd")))
+
+
+def noise_floor(records: list[dict], harness: dict, backend: str) -> dict | None:
+    """The latest `noise` ledger record (any tag) comparable with this run, or None."""
+    found = [r for r in records if r.get("event") == "noise" and r.get("std") is not None
+             and comparable(r, harness, backend)]
+    return found[-1] if found else None
+
+
+def best_of(result: dict | None) -> Best | None:
+    if not result or result.get("val_bpb") is None:
+        return None
+    return Best(result["val_bpb"], len(result.get("runs") or [result["val_bpb"]]))
+
+
+# -- identical files are never run twice ------------------------------------------------------
+def blob_id(repo_root: Path, path: str) -> str:
+    """git's content hash of a working-tree file (the id it would have once committed)."""
+    out = subprocess.run(["git", "hash-object", "--", path], cwd=repo_root, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip()
+
+
+def committed_blobs(repo_root: Path, commits: list[str], path: str) -> dict[str, str]:
+    """{commit: blob id of `path` in it}, one `git cat-file --batch-check` for all commits
+    (commits reset away stay readable: the reflog keeps them)."""
+    if not commits:
+        return {}
+    query = "".join(f"{c}:{path}\n" for c in commits)
+    out = subprocess.run(["git", "cat-file", "--batch-check=%(objectname) %(objecttype)"], cwd=repo_root,
+                         input=query, capture_output=True, text=True, check=True)
+    blobs = {}
+    for commit, line in zip(commits, out.stdout.splitlines()):
+        sha, _, kind = line.partition(" ")
+        if kind == "blob":
+            blobs[commit] = sha
+    return blobs
+
+
+def duplicate_of(repo_root: Path, training_file: str, results: list[dict]) -> dict | None:
+    """The earlier finished result (keep, discard or invalid) whose training file is byte for
+    byte the current one, or None. Crashes do not count: they may have been interrupted."""
+    done = [r for r in results if r.get("commit") and r.get("status") in ("keep", "discard", "invalid")]
+    if not done:
+        return None
+    known = {r["blob"]: r for r in done if r.get("blob")}
+    missing = [r["commit"] for r in done if not r.get("blob")]
+    current = blob_id(repo_root, training_file)
+    if current in known:
+        return known[current]
+    blobs = committed_blobs(repo_root, missing, training_file)
+    for r in done:
+        if blobs.get(r["commit"]) == current:
+            return r
+    return None
