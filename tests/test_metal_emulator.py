@@ -243,3 +243,38 @@ def test_workers_and_ucontext_fibers_agree(monkeypatch, env):
     a = np.arange(128 * 16, dtype=np.float32)
     out = run1(src, [a], ["a"], (16,), grid=(128 * 16, 1, 1), tg=(128, 1, 1))
     np.testing.assert_array_equal(out, a.reshape(16, 128).sum(1))
+
+
+def test_signature_generator_matches_mlx_byte_for_byte(capfd, tmp_path):
+    """MLX writes the kernel text it generates when verbose=True. Without Metal it can still
+    trace a metal_kernel call for mx.export_function: capture its text for each attention
+    kernel and dtype and compare with the emulator's generator."""
+    from metal_kernels import kernels as K
+
+    if mx.metal.is_available():
+        pytest.skip("on a Metal device verbose printing happens at evaluation; this check is for CPU hosts")
+    calls = [make((1, 2, 40, D), dtype) for make in (K.forward_call, K.dq_call, K.dkdv_call)
+             for D in K.HEAD_DIMS for dtype in K.DTYPES]
+    for i, call in enumerate(calls):
+        kern = mx.fast.metal_kernel(name=call.name, input_names=call.input_names, output_names=call.output_names,
+                                    source=call.source, header=call.header)
+        dtype = getattr(mx, call.template[0][1])
+        x = mx.zeros((1, 2, 40, call.template[1][1]), dtype=dtype)
+        row = mx.zeros((1, 2, 40), dtype=mx.float32)
+        args = {"q": x, "k": x, "v": x, "dout": x, "lse": row, "delta": row,
+                "window": mx.array(40, dtype=mx.int32), "scale": mx.array(0.125, dtype=mx.float32)}
+
+        def traced(x, call=call, kern=kern, args=args):
+            inputs = [x if n in ("q", "k", "v", "dout") else args[n] for n in call.input_names]
+            return kern(inputs=inputs, template=[(n, getattr(mx, v) if isinstance(v, str) else v) for n, v in call.template],
+                        grid=call.grid, threadgroup=call.threadgroup, output_shapes=call.output_shapes,
+                        output_dtypes=[getattr(mx, d) for d in call.output_dtypes], verbose=True)
+
+        mx.export_function(str(tmp_path / f"k{i}.mlxfn"), traced, x)
+        printed = capfd.readouterr().out
+        mlx_text = printed.split("```\n", 1)[1].rsplit("\n```", 1)[0]
+        arrays = [x if n in ("q", "k", "v", "dout") else args[n] for n in call.input_names]
+        specs = [InputSpec(str(a.dtype).split(".")[-1], a.ndim, a.size) for a in arrays]
+        _, ours = generate(call.name, call.input_names, call.output_names, call.source, call.header, specs,
+                           call.output_dtypes, call.template)
+        assert ours == mlx_text, f"{call.name} {call.template}: emulator signature differs from MLX's"

@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from .compiler import EmulatorError, compile_library, launcher, to_cpp
+from .compiler import EmulatorError, compile_library, launcher, runtime_api, to_cpp
 from .signature import DTYPES, InputSpec, dtype_name, generate, shape_infos, attributes, type_string
 
 __all__ = ["metal_kernel", "EmulatorError", "bfloat16_bits", "bfloat16_to_float32", "to_numpy_input"]
@@ -142,9 +142,9 @@ class _Kernel:
         attrs = [a for a, _ in attributes(self.source)]
 
         cpp = to_cpp(text) + launcher(kname, template, arg_types, attrs)
+        lib = compile_library(cpp)
         # METAL_EMULATOR_UCONTEXT=1 forces the portable ucontext fibers (the default off x86-64 Linux)
-        flags = ("-DMSLCPU_UCONTEXT",) if os.environ.get("METAL_EMULATOR_UCONTEXT") == "1" else ()
-        lib = compile_library(cpp, flags)
+        api = runtime_api(ucontext=os.environ.get("METAL_EMULATOR_UCONTEXT") == "1")
 
         launch = _Launch()
         launch.grid[:] = [int(g) for g in grid]
@@ -157,7 +157,7 @@ class _Kernel:
         for i, (_, _, arr) in enumerate(slots):
             keep.append(arr)
             ptrs[i] = arr.ctypes.data
-        rc = lib.mslemu_launch(ctypes.addressof(launch), ptrs)
+        rc = lib.mslemu_launch(ctypes.addressof(launch), ptrs, api)
         if rc != 0:
             raise EmulatorError(f"kernel {self.name}: {launch.error.decode(errors='replace')}")
         results = []

@@ -21,6 +21,7 @@ import threading
 from pathlib import Path
 
 HEADER = Path(__file__).with_name("msl_cpu.h")
+RUNTIME = Path(__file__).with_name("msl_runtime.cpp")
 CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-shared", "-w", "-fno-strict-aliasing"]
 
 
@@ -108,8 +109,9 @@ def launcher(kname: str, template, arg_types: list[tuple[str, str]], attrs: list
         "  void** p = (void**)ctx; (void)p; (void)a;\n"
         f"  {fn}({', '.join(args)});\n"
         "}\n}\n"
-        'extern "C" int mslemu_launch(::mslcpu::Launch* L, void** args) {\n'
-        "  return ::mslcpu::launch(L, &mslemu_body, (void*)args);\n}\n"
+        'extern "C" int mslemu_launch(::mslcpu::Launch* L, void** args, const ::mslcpu::Api* api) {\n'
+        "  ::mslcpu::api() = api;\n"
+        "  return api->launch(L, &mslemu_body, (void*)args);\n}\n"
     )
 
 
@@ -117,31 +119,70 @@ _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}
 
 
-def compile_library(cpp_body: str, extra_flags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Compiles `#include "msl_cpu.h"` + cpp_body into a shared library (cached by hash)."""
-    header = HEADER.read_text()
-    flags = CXXFLAGS + list(extra_flags)
-    key = hashlib.sha256("\0".join([header, cpp_body, " ".join(flags)]).encode()).hexdigest()[:24]
+def _pch() -> list[str]:
+    """Flags to use msl_cpu.h precompiled (parsing <cmath> is most of a kernel's compile time);
+    [] if the compiler cannot build one. Built once per header, flags and compiler."""
+    flags = [f for f in CXXFLAGS if f != "-shared"]
+    cxx = find_compiler()
+    key = hashlib.sha256("\0".join([HEADER.read_text(), " ".join(flags), cxx]).encode()).hexdigest()[:24]
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pch = out_dir / f"msl_cpu_{key}.pch"
+    if not pch.exists():
+        fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".pch.tmp")
+        os.close(fd)
+        proc = subprocess.run([cxx, *flags, "-x", "c++-header", str(HEADER), "-o", tmp], capture_output=True)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            return []
+        os.replace(tmp, pch)
+    return ["-include-pch", str(pch)]
+
+
+def _build(kind: str, text: str, flags: list[str], key_parts: list[str], extra: tuple[str, ...] = ()) -> Path:
+    """Compiles `text` into a shared library in the cache (once per content hash)."""
+    key = hashlib.sha256("\0".join(key_parts + [text, " ".join(flags)]).encode()).hexdigest()[:24]
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib_path = out_dir / f"{kind}_{key}.so"
+    if lib_path.exists():
+        return lib_path
+    src_path = out_dir / f"{kind}_{key}.cpp"
+    src_path.write_text(text)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    os.close(fd)
+    cmd = [find_compiler(), *flags, *extra, f"-I{HEADER.parent}", str(src_path), "-o", tmp]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise EmulatorError(f"the {kind} does not compile as C++ against msl_cpu.h "
+                            f"(source kept at {src_path}):\n{proc.stderr[-6000:]}")
+    os.replace(tmp, lib_path)  # atomic: concurrent test processes never load half a file
+    return lib_path
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    if str(path) not in _loaded:
+        _loaded[str(path)] = ctypes.CDLL(str(path))
+    return _loaded[str(path)]
+
+
+def runtime_api(ucontext: bool = False) -> int:
+    """Address of the scheduler's Api table (msl_runtime.cpp, built once per configuration)."""
+    flags = CXXFLAGS + (["-DMSLCPU_UCONTEXT"] if ucontext else [])
     with _lock:
-        if key in _loaded:
-            return _loaded[key]
-        out_dir = cache_dir()
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lib_path = out_dir / f"k_{key}.so"
-        if not lib_path.exists():
-            src_path = out_dir / f"k_{key}.cpp"
-            src_path.write_text(f'#include "{HEADER}"\n' + cpp_body)
-            fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
-            os.close(fd)
-            cmd = [find_compiler(), *flags, str(src_path), "-o", tmp]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                os.unlink(tmp)
-                raise EmulatorError(f"the kernel does not compile as C++ against msl_cpu.h "
-                                    f"(source kept at {src_path}):\n{proc.stderr[-6000:]}")
-            os.replace(tmp, lib_path)  # atomic: concurrent test processes never load half a file
-        lib = ctypes.CDLL(str(lib_path))
+        path = _build("runtime", RUNTIME.read_text(), flags, [HEADER.read_text()])
+        lib = _load(path)
+        lib.mslcpu_api.restype = ctypes.c_void_p
+        return lib.mslcpu_api()
+
+
+def compile_library(cpp_body: str) -> ctypes.CDLL:
+    """Compiles `#include "msl_cpu.h"` + cpp_body into a kernel library (cached by hash)."""
+    with _lock:
+        text = '#include "msl_cpu.h"\n' + cpp_body
+        path = _build("kernel", text, CXXFLAGS, [HEADER.read_text()], extra=tuple(_pch()))
+        lib = _load(path)
         lib.mslemu_launch.restype = ctypes.c_int
-        lib.mslemu_launch.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
-        _loaded[key] = lib
+        lib.mslemu_launch.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
         return lib
