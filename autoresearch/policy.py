@@ -1,0 +1,195 @@
+"""What the runner asks after each run: is the result valid, and keep or discard?
+
+`Decisions` joins the integrity checks (integrity.py), the keep rules (decide.py) and the
+noise floor (noise.py) behind four calls the runner makes:
+
+  setup(runner)           after the harness is known (start, resume): report file, noise floor
+  before_run()            before every trainer process: clears the harness report
+  duplicate(...)          before committing a candidate: identical files are never run twice
+  baseline(...) / judge(...)  after a run: status and the extra ledger fields
+
+Re-runs go through the same trainer with AUTORESEARCH_SEED = seed + i, each logged as a
+`rerun` ledger record (and `spawn`, so a killed runner's --resume kills an orphan).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from . import gitops
+from .decide import (DEFAULT_CONFIDENCE, DEFAULT_NOISE_RUNS, DEFAULT_RERUNS, Greedy, NoiseAware, best_of,
+                     blob_id, duplicate_of, noise_floor)
+from .integrity import REPORT_ENV, check_summary, harness_verdict, hidden_of, read_reports
+from .noise import base_seed, format_noise, measure, noise_record, with_seed
+
+RERUN_LOGS = ("run.seed*.log",)
+
+
+class Decisions:
+    def __init__(self, rule: str = "greedy", confidence: float = DEFAULT_CONFIDENCE,
+                 reruns: int = DEFAULT_RERUNS, noise_runs: int = DEFAULT_NOISE_RUNS):
+        if rule not in ("greedy", "noise"):
+            raise ValueError(f"unknown --decide rule {rule!r}: use noise or greedy.")
+        self.rule = rule
+        self.confidence = confidence
+        self.reruns = reruns
+        self.noise_runs = noise_runs
+        self.decider = Greedy()
+        self.report_path: Path | None = None
+        self.reports_required = False
+        self.runner = None
+
+    # -- set-up ----------------------------------------------------------------------------
+    def setup(self, runner) -> None:
+        self.runner = runner
+        self.report_path = Path(runner.repo.git_dir) / "autoresearch-eval.jsonl"
+        runner.trainer.env[REPORT_ENV] = str(self.report_path)
+        self.reports_required = bool(runner.harness.get("eval_report"))
+        gitops.exclude_run_outputs(runner.repo, RERUN_LOGS)
+        self._load_floor()
+
+    def _load_floor(self) -> None:
+        if self.rule != "noise":
+            return
+        r = self.runner
+        floor = noise_floor(r.ledger.all_records(), r.harness, r.config.backend)
+        if floor is not None:
+            self.decider = NoiseAware(floor["std"], self.confidence, self.reruns)
+
+    @property
+    def direction(self) -> str:
+        return getattr(self.runner.trainer, "direction", "min")
+
+    def _direction_field(self) -> dict:
+        return {"direction": "max"} if self.direction == "max" else {}
+
+    def describe(self) -> str:
+        if isinstance(self.decider, NoiseAware):
+            return (f"noise-aware (sigma {self.decider.sigma:.6f}, confidence {self.confidence}, "
+                    f"up to {self.reruns} re-runs)")
+        if self.rule == "noise":
+            return f"noise-aware (noise floor measured on the baseline: {self.noise_runs} runs)"
+        return "greedy (strictly better)"
+
+    def before_run(self) -> None:
+        if self.report_path is not None and self.report_path.exists():
+            self.report_path.unlink()
+
+    # -- checks ----------------------------------------------------------------------------
+    def _expected_eval_tokens(self) -> int | None:
+        if self.reports_required:
+            return None    # the harness report is checked instead
+        r = self.runner
+        base = [x for x in r.ledger.results() if x.get("baseline") and x.get("status") == "keep"]
+        if base and isinstance((base[0].get("summary") or {}).get("eval_tokens"), int):
+            return base[0]["summary"]["eval_tokens"]
+        return r.harness.get("eval_tokens")
+
+    def check(self, outcome) -> str | None:
+        """Why a finished run's summary must not be scored, or None."""
+        return check_summary(outcome.summary, self.runner.harness, read_reports(self.report_path),
+                             self._expected_eval_tokens(), self.reports_required)
+
+    def duplicate(self, exp: int, description: str, best_commit: str, **fields) -> bool:
+        """If the edited file is identical to one already run, log that result again (not
+        re-run), reset, and return True."""
+        r = self.runner
+        dup = duplicate_of(r.repo_root, r.training_file, r.ledger.results())
+        if dup is None:
+            return False
+        status = "invalid" if dup["status"] == "invalid" else "discard"
+        r.out(f"[{exp}] identical to experiment {dup['exp']} ({dup.get('commit_short')}): not re-run, {status}")
+        r._write_result(exp, None, status, f"{description} [identical to #{dup['exp']} {dup.get('commit_short')}: "
+                                           "not re-run]", val_bpb=dup.get("val_bpb"), duplicate_of=dup["exp"],
+                        **fields)
+        r._reset(best_commit)
+        return True
+
+    # -- decisions -------------------------------------------------------------------------
+    def _failed(self, outcome) -> tuple[str, dict]:
+        reports = read_reports(self.report_path)
+        refused = harness_verdict(reports)
+        if refused:
+            return "invalid", {"invalid_reason": refused}
+        tail = outcome.log_tail or ""
+        if "[autoresearch] guard" in tail and "FAILED" in tail:
+            return "crash", {"note": "guard failed"}
+        return "crash", {}
+
+    def baseline(self, exp: int, outcome) -> tuple[str, dict]:
+        """The baseline's status and fields; with the noise rule and no comparable noise floor,
+        the baseline is run noise_runs times in all and the floor is recorded."""
+        if not outcome.ok:
+            return self._failed(outcome)
+        problem = self.check(outcome)
+        if problem:
+            return "invalid", {"invalid_reason": problem}
+        r = self.runner
+        value = outcome.summary["val_bpb"]
+        extra = {"blob": blob_id(r.repo_root, r.training_file), "decide": self.rule,
+                 **hidden_of(read_reports(self.report_path), value), **self._direction_field()}
+        if self.rule == "noise" and not isinstance(self.decider, NoiseAware) and self.noise_runs > 1:
+            seed = base_seed()
+            r.out(f"[{exp}] measuring the noise floor: {self.noise_runs - 1} more baseline runs "
+                  f"(seeds {seed + 1}..{seed + self.noise_runs - 1})")
+            values, seeds, problems = measure(
+                r.trainer, r.repo_root, self.noise_runs - 1, r._timeout(), first_seed=seed + 1,
+                before_run=self.before_run, check=self.check,
+                on_spawn=lambda pid: r.ledger.append("spawn", exp=exp, pgid=pid),
+                on_run=lambda i, s, o, p: r.out(f"[{exp}]   seed {s}: "
+                                                + (f"{o.summary['val_bpb']:.6f}" if o.ok else "-")
+                                                + (f"  {p}" if p else "")))
+            values, seeds = [value] + values, [seed] + seeds
+            record = noise_record(r.ledger, r.trainer, r.harness, r.config.backend, values, seeds, problems,
+                                  r.repo_root, "baseline")
+            r.out(f"[{exp}] {format_noise(record, getattr(r.trainer, 'metric_name', 'val_bpb'))}")
+            if record.get("std") is not None:
+                self.decider = NoiseAware(record["std"], self.confidence, self.reruns)
+                extra.update(val_bpb=record["mean"], runs=values, seeds=seeds)
+            else:
+                r.out(f"[{exp}] not enough usable runs for a noise floor: deciding greedily.")
+        return "keep", extra
+
+    def judge(self, exp: int, outcome) -> tuple[str, dict]:
+        """keep / discard / invalid / crash for an experiment, with re-runs if the rule asks."""
+        if not outcome.ok:
+            return self._failed(outcome)
+        problem = self.check(outcome)
+        if problem:
+            return "invalid", {"invalid_reason": problem}
+        r = self.runner
+        value = outcome.summary["val_bpb"]
+        extra = {"blob": blob_id(r.repo_root, r.training_file), "decide": self.decider.name,
+                 **hidden_of(read_reports(self.report_path), value), **self._direction_field()}
+        best = best_of(r.ledger.best())
+        if best is None:     # no kept baseline (cannot happen in the loop; be safe)
+            return "keep", extra
+        seed = base_seed()
+
+        def rerun(i: int) -> float | None:
+            self.before_run()
+            o = with_seed(r.trainer, seed + i).run(r.repo_root, r.repo_root / f"run.seed{seed + i}.log",
+                                                   r._timeout(),
+                                                   on_spawn=lambda pid: r.ledger.append("spawn", exp=exp, pgid=pid))
+            problem = (self.check(o) if o.ok else ("timed out" if o.timed_out else f"crashed (exit {o.returncode})"))
+            v = o.summary["val_bpb"] if o.ok and not problem else None
+            r.ledger.append("rerun", exp=exp, seed=seed + i, val_bpb=v, problem=problem, seconds=round(o.seconds, 2))
+            r.out(f"[{exp}]   re-run seed {seed + i}: " + (f"{v:.6f}" if v is not None else f"- ({problem})"))
+            return v
+
+        verdict = self.decider.decide(value, best, rerun, self.direction)
+        extra["decision"] = verdict.reason
+        if verdict.reruns:
+            extra.update(val_bpb=verdict.value, runs=verdict.runs, seeds=[seed] + [seed + i for i in verdict.seeds],
+                         reruns=verdict.reruns)
+        return verdict.status, extra
+
+
+def direction_key(result: dict) -> float:
+    """Sort key that puts the best result first for min and max targets alike."""
+    v = result["val_bpb"]
+    return -v if result.get("direction") == "max" else v
+
+
+def is_finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)

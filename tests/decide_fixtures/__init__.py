@@ -1,0 +1,1 @@
+"""Fixtures for the decision, integrity and general-mode tests."""
