@@ -83,13 +83,13 @@ def test_profiles():
 
 
 def test_profile_and_dataset_come_from_env(tmp_path):
-    code = "import prepare; print(prepare.PROFILE.name, prepare.DATASET, prepare.CACHE_DIR)"
+    code = "import prepare; print(prepare.PROFILE.name, prepare.DATASET, prepare.CACHE_DIR, prepare.SEED)"
     out = run_prepare_py([], {"AUTORESEARCH_PROFILE": "quick", "AUTORESEARCH_DATASET": "builtin",
-                              "AUTORESEARCH_CACHE": str(tmp_path)}, code=code)
-    assert out.stdout.split() == ["quick", "builtin", str(tmp_path)]
-    # without the env vars: the standard profile and the dataset prepared last, else climbmix
+                              "AUTORESEARCH_CACHE": str(tmp_path), "AUTORESEARCH_SEED": "7"}, code=code)
+    assert out.stdout.split() == ["quick", "builtin", str(tmp_path), "7"]
+    # without the env vars: the standard profile, the dataset prepared last (else climbmix), seed 42
     out = run_prepare_py([], {"AUTORESEARCH_CACHE": str(tmp_path)}, code=code)
-    assert out.stdout.split()[:2] == ["standard", "climbmix"]
+    assert out.stdout.split()[:2] == ["standard", "climbmix"] and out.stdout.split()[3] == "42"
     (tmp_path / "active_dataset").write_text("tinystories\n")
     out = run_prepare_py([], {"AUTORESEARCH_CACHE": str(tmp_path)}, code=code)
     assert out.stdout.split()[1] == "tinystories"
