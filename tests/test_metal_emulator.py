@@ -109,11 +109,14 @@ def test_simdgroup_matrix_load_store_multiply_accumulate():
     # D = A @ B + C with 8x8 matrices, B loaded transposed from its transpose in memory.
     src = """
       simdgroup_matrix<float, 8, 8> A, B, C, D;
+      simdgroup_float8x8 I = simdgroup_float8x8(2.0f), F = make_filled_simdgroup_matrix<float, 8, 8>(0.5f);
       simdgroup_load(A, a, 8);
       simdgroup_load(B, bt, 8, ulong2(0, 0), true);
       simdgroup_load(C, c + 8, 8);
       simdgroup_multiply_accumulate(D, A, B, C);
       simdgroup_store(D, out, 16, ulong2(8, 0));
+      simdgroup_multiply(C, I, F);  // diagonal 2 times all-0.5: all ones
+      simdgroup_store(C, out, 16, ulong2(0, 0));
     """
     rng = np.random.default_rng(1)
     a, b, c = (rng.standard_normal((8, 8)).astype(np.float32) for _ in range(3))
@@ -121,7 +124,7 @@ def test_simdgroup_matrix_load_store_multiply_accumulate():
     out = run1(src, [a, np.ascontiguousarray(b.T), c_buf], ["a", "bt", "c"], (8 * 16,), init_value=0.0)
     out = out.reshape(8, 16)
     np.testing.assert_allclose(out[:, 8:], a @ b + c, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(out[:, :8], 0)
+    np.testing.assert_array_equal(out[:, :8], 1.0)
 
 
 def test_half_and_bfloat_conversions_round_like_numpy_and_mlx():

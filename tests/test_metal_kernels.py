@@ -101,6 +101,8 @@ CASES = [
     (1, 2, 40, 128, None, "float32"),
     (1, 1, 45, 128, 44, "bfloat16"),  # W = T - 1: plain causal
     (1, 1, 33, 64, 0, "float32"),     # W = 0: each query sees only itself
+    (1, 1, 1, 64, None, "float32"),   # a single token
+    (1, 3, 8, 128, 2, "float32"),     # shorter than one block
 ]
 
 

@@ -318,8 +318,14 @@ template <class T, int R, int C> struct simdgroup_matrix {
     c = (q & 2) * 2 + (lane % 2) * 2;
   }
 };
-template <class T> using simdgroup_float8x8 = simdgroup_matrix<float, 8, 8>;
-typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8_t;
+typedef simdgroup_matrix<float, 8, 8> simdgroup_float8x8;
+typedef simdgroup_matrix<half, 8, 8> simdgroup_half8x8;
+typedef simdgroup_matrix<bfloat, 8, 8> simdgroup_bfloat8x8;
+template <class T, int C, int R> inline simdgroup_matrix<T, C, R> make_filled_simdgroup_matrix(T value) {
+  simdgroup_matrix<T, C, R> m;
+  m.e = value;
+  return m;
+}
 
 template <class T, class U>
 inline void simdgroup_load(simdgroup_matrix<T, 8, 8>& m, const U* src, ulong elements_per_row = 8,
