@@ -129,7 +129,7 @@ class Trainer:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                kill_group(proc.pid, grace_s=5.0)
+                kill_group(proc.pid, grace_s=5.0, leader=proc)
                 proc.wait()
             except BaseException:      # Ctrl-C / SIGTERM of the runner: take the trainer down too
                 kill_group(proc.pid, grace_s=0.0)
@@ -152,13 +152,17 @@ def log_tail(text: str, lines: int = 50) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def kill_group(pgid: int, grace_s: float = 5.0) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left after grace_s."""
+def kill_group(pgid: int, grace_s: float = 5.0, leader: subprocess.Popen | None = None) -> None:
+    """SIGTERM the process group, then SIGKILL whatever is left after grace_s. Pass the
+    leader's Popen when it is our child, so that it is reaped (a zombie still counts as a
+    member of the group)."""
     try:
         if grace_s > 0:
             os.killpg(pgid, signal.SIGTERM)
             deadline = time.monotonic() + grace_s
             while time.monotonic() < deadline:
+                if leader is not None:
+                    leader.poll()
                 if not group_alive(pgid):
                     return
                 time.sleep(0.05)

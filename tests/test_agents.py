@@ -400,3 +400,16 @@ def test_anthropic_rejected_key_mid_run_is_a_setup_error(tmp_path, stub):
     stub.fail_next = [401]
     with pytest.raises(SetupError, match="ANTHROPIC_API_KEY"):
         AnthropicAgent(client=client_for(stub)).propose(Context(d, "train_mlx.py", "p", "d", []))
+
+
+def test_cli_defaults_to_anthropic_when_a_key_is_set(tmp_path, stub):
+    from autoresearch.agents import default_agent_name
+    d = tmp_path / "p"
+    make_repo(d)
+    env = cli_env(ANTHROPIC_API_KEY="k-test", ANTHROPIC_BASE_URL=stub.url)
+    r = run_cli(d, "run", "--backend", "mlx", "--tag", "env", "--max-experiments", "1", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "agent anthropic" in r.stdout
+    assert [x[4] for x in tsv_rows(d)] == ["baseline", "MATRIX_LR 0.04 -> 0.06"]
+    assert ledger_records(d, "session")[0]["model"] == "claude-sonnet-4-6"
+    assert default_agent_name() == "hparam"      # this test process has no key
