@@ -588,6 +588,13 @@ def get_weight_decay(progress):
     return WEIGHT_DECAY * (1 - progress)
 
 
+def check_loss(loss, step):
+    """Fast fail: a NaN or exploding loss will not recover within the budget."""
+    if math.isnan(loss) or loss > 100:
+        print(f"\nFAIL: training loss is {loss} at step {step}; aborting the run")
+        sys.exit(1)
+
+
 def main():
     t_start = time.time()
     seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
@@ -681,10 +688,7 @@ def main():
         model.zero_grad(set_to_none=True)
 
         train_loss_f = train_loss.item()
-        # Fast fail: a NaN or exploding loss will not recover within the budget
-        if math.isnan(train_loss_f) or train_loss_f > 100:
-            print(f"\nFAIL: training loss is {train_loss_f} at step {step}; aborting the run")
-            sys.exit(1)
+        check_loss(train_loss_f, step)
 
         sync(device)
         dt = time.time() - t0

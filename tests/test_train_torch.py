@@ -94,7 +94,7 @@ def test_muon_adamw_trains_a_tiny_model():
     y = torch.roll(x, -1, 1)
     before = [p.detach().clone() for p in model.parameters()]
     losses = []
-    for _ in range(15):
+    for _ in range(10):
         loss = model(x, y)
         loss.backward()
         optimizer.step()
@@ -154,9 +154,9 @@ print("attention:", train.choose_attention(torch.device("cuda"), "auto"))
 '''
 
 
-@pytest.mark.parametrize("hub_env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
-                         ids=["offline", "unreachable"])
-def test_fa3_falls_back_to_flex_when_hub_is_unreachable(tmp_path, hub_env):
+def test_fa3_falls_back_to_flex_when_hub_is_unreachable(tmp_path):
+    # A hub endpoint where nothing listens (HF_HUB_OFFLINE=1 takes the same path, measured).
+    hub_env = {"HF_ENDPOINT": "http://127.0.0.1:9"}
     # The real `kernels` package when installed (the cuda extra), else the stand-in above.
     try:
         import kernels  # noqa: F401
@@ -213,6 +213,16 @@ def test_cpu_smoke_run_prints_a_valid_summary(builtin_cache):
     assert 0 < float(values["mfu_percent"]) < 100
 
 
+@pytest.mark.parametrize("loss", [float("nan"), 101.0])
+def test_check_loss_ends_the_run(loss, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.check_loss(loss, 7)
+    assert exit_info.value.code == 1
+    assert f"FAIL: training loss is {loss} at step 7" in capsys.readouterr().out
+    train.check_loss(3.5, 8)  # a normal loss passes
+
+
+@pytest.mark.slow
 def test_nan_loss_fails_fast(builtin_cache, tmp_path):
     # An agent's edit that blows up the model must end the run at once with a clear line.
     source = (REPO / "train.py").read_text()
