@@ -19,9 +19,13 @@ import sys
 import time
 from dataclasses import dataclass, asdict
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except ImportError:
+    sys.exit("train.py needs PyTorch, which is not installed in this environment. On a Linux GPU box: "
+             "`uv sync --extra cuda`, then `uv run train.py`. On a Mac, use the MLX trainer: `uv run train_mlx.py`.")
 
 from prepare import PROFILE, Tokenizer, make_dataloader, evaluate_bpb, summary_fields, peak_flops
 
@@ -76,19 +80,26 @@ def sdpa_attention(q, k, v, window):
 _flex_block_masks = {}
 
 
-def flex_attention(q, k, v, window):
-    """q, k, v: (B, T, H, D) -> (B, T, H, D) with flex attention: the block mask skips
-    the tiles outside the window, so short-window layers cost what they should."""
-    from torch.nn.attention.flex_attention import flex_attention as flex, create_block_mask
-    T = q.size(1)
+def flex_block_mask(window, T, device):
+    """The cached block mask of a causal left window W (W >= T: plain causal). main() builds
+    them before torch.compile, so the compiled graph only reads them."""
+    from torch.nn.attention.flex_attention import create_block_mask
     W = T if window is None else min(window, T)
-    key = (W, T, str(q.device))
+    key = (W, T, str(device))
     if key not in _flex_block_masks:
         def mask_mod(b, h, q_idx, kv_idx):
             return (kv_idx <= q_idx) & (q_idx - kv_idx <= W)
-        _flex_block_masks[key] = create_block_mask(mask_mod, None, None, T, T, device=q.device)
+        _flex_block_masks[key] = create_block_mask(mask_mod, None, None, T, T, device=device)
+    return _flex_block_masks[key]
+
+
+def flex_attention(q, k, v, window):
+    """q, k, v: (B, T, H, D) -> (B, T, H, D) with flex attention: the block mask skips
+    the tiles outside the window, so short-window layers cost what they should."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    block_mask = flex_block_mask(window, q.size(1), q.device)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    y = flex(q, k, v, block_mask=_flex_block_masks[key], enable_gqa=k.size(1) != q.size(1))
+    y = flex(q, k, v, block_mask=block_mask, enable_gqa=k.size(1) != q.size(1))
     return y.transpose(1, 2)
 
 
@@ -649,6 +660,9 @@ def main():
         unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, scalar_lr=SCALAR_LR,
         adam_betas=ADAM_BETAS, matrix_lr=MATRIX_LR, weight_decay=WEIGHT_DECAY, compile=on_cuda,
     )
+    if attention_kind == "flex":
+        for window in set(model.window_sizes):
+            flex_block_mask(window, seq_len, device)
     # Compile on CUDA only: on a CPU the compile takes longer than the smoke budget saves.
     train_model = torch.compile(model, dynamic=False) if on_cuda else model
 
