@@ -281,3 +281,8 @@ def test_signature_generator_matches_mlx_byte_for_byte(capfd, tmp_path):
         _, ours = generate(call.name, call.input_names, call.output_names, call.source, call.header, specs,
                            call.output_dtypes, call.template)
         assert ours == mlx_text, f"{call.name} {call.template}: emulator signature differs from MLX's"
+
+
+def test_source_that_does_not_compile_is_reported_with_the_compiler_message():
+    with pytest.raises(EmulatorError, match=r"does not compile(.|\n)*undeclared identifier 'no_such_name'"):
+        run1("out[0] = no_such_name;", [np.zeros(1, np.float32)], ["unused"], (1,))

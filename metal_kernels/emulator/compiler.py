@@ -153,6 +153,9 @@ def _build(kind: str, text: str, flags: list[str], key_parts: list[str], extra: 
     os.close(fd)
     cmd = [find_compiler(), *flags, *extra, f"-I{HEADER.parent}", str(src_path), "-o", tmp]
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 and extra:  # e.g. a precompiled header from another compiler version
+        cmd = [find_compiler(), *flags, f"-I{HEADER.parent}", str(src_path), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
         raise EmulatorError(f"the {kind} does not compile as C++ against msl_cpu.h "
