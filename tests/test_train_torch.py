@@ -106,6 +106,40 @@ def test_muon_adamw_trains_a_tiny_model():
     assert {tuple(g["params"][0].shape) for g in muon_groups} == {(64, 64), (256, 64), (64, 256), (2, 32)}
 
 
+def test_cuda_dtype_layout_trains(monkeypatch):
+    """What main() does on CUDA, emulated on a CPU: bf16 embedding tables, bf16 autocast,
+    a float32 loss, and bf16 Newton-Schulz in Muon."""
+    torch.manual_seed(0)
+    config = train.GPTConfig(sequence_len=64, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    with torch.device("meta"):
+        model = train.GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    model.embeddings_to_bf16()
+    optimizer = model.setup_optimizer()
+    ortho_dtypes = []
+    muon_step = optimizer._muon_step
+
+    def bf16_muon_step(*args):
+        ortho_dtypes.append(args[-1])
+        return muon_step(*args[:-1], torch.bfloat16)
+    optimizer._muon_step = bf16_muon_step
+    x = torch.randint(0, 128, (4, 64))
+    y = torch.roll(x, -1, 1)
+    losses = []
+    for _ in range(6):
+        with torch.amp.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, y)
+        assert loss.dtype == torch.float32
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert ortho_dtypes and losses[-1] < 0.7 * losses[0], losses
+    assert model.transformer.wte.weight.dtype == torch.bfloat16
+    assert model.transformer.h[0].attn.c_q.weight.dtype == torch.float32  # master weights stay float32
+
+
 # --- FA3 loader -----------------------------------------------------------------------
 
 def test_fa3_loader_falls_back_when_kernels_missing(monkeypatch, capsys):
