@@ -111,7 +111,8 @@ def attention(q, k, v, window):
     """Causal attention with a left window; q, k, v: (B, T, H, D) -> (B, T, H, D)."""
     if ATTENTION_KIND == "fa3":
         w = -1 if window is None or window >= q.size(1) - 1 else window
-        return FA3.flash_attn_func(q, k, v, causal=True, window_size=(w, 0))
+        y = FA3.flash_attn_func(q, k, v, causal=True, window_size=(w, 0))
+        return y[0] if isinstance(y, tuple) else y  # some FA3 builds also return the log-sum-exp
     if ATTENTION_KIND == "flex":
         return flex_attention(q, k, v, window)
     return sdpa_attention(q, k, v, window)
@@ -122,6 +123,9 @@ def choose_attention(device, requested="auto"):
     requested: auto | fa3 | flex | sdpa (env AUTORESEARCH_ATTENTION)."""
     if requested not in ("auto", "fa3", "flex", "sdpa"):
         raise SystemExit(f"AUTORESEARCH_ATTENTION={requested!r} is not one of auto, fa3, flex, sdpa")
+    if requested == "flex" and device.type != "cuda":
+        raise SystemExit(f"AUTORESEARCH_ATTENTION=flex needs a CUDA GPU (flex attention has no backward on "
+                         f"{device.type}); use auto or sdpa")
     global ATTENTION_KIND, FA3
     kind = "sdpa"
     if device.type == "cuda" and requested in ("auto", "fa3"):
@@ -130,8 +134,6 @@ def choose_attention(device, requested="auto"):
             kind = "fa3"
     if kind == "sdpa" and device.type == "cuda" and requested in ("auto", "fa3", "flex"):
         kind = "flex"  # compiled with the model; SDPA with a dense mask would compute every tile
-    if requested == "flex":
-        kind = "flex"
     ATTENTION_KIND = kind
     return kind
 

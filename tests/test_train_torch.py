@@ -167,8 +167,11 @@ def test_fa3_loader_falls_back_when_the_loader_raises(monkeypatch, capsys):
 def test_cpu_never_asks_the_hub(monkeypatch):
     monkeypatch.setattr(train, "load_flash_attention_3", lambda cap: pytest.fail("CPU must not load FA3"))
     assert train.choose_attention(torch.device("cpu")) == "sdpa"
+    assert train.choose_attention(torch.device("cpu"), "fa3") == "sdpa"
     with pytest.raises(SystemExit, match="AUTORESEARCH_ATTENTION"):
         train.choose_attention(torch.device("cpu"), "flash")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        train.choose_attention(torch.device("cpu"), "flex")
 
 
 KERNELS_STANDIN = '''
