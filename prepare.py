@@ -1056,10 +1056,38 @@ def evaluate_bpb(model, tokenizer, batch_size, backend=None):
     cross-entropy itself in float32, in chunks (bounded extra memory). Per-token nats
     and target byte lengths are summed, special tokens (byte length 0) excluded, and
     nats/byte converted to bits/byte. The rows do not depend on batch_size.
+    Before scoring, `check_causality` runs on the first batch: a model whose logits are
+    not (B, T, vocab), not finite, or read future tokens raises IntegrityError.
+    Under the autoresearch runner ($AUTORESEARCH_EVAL_REPORT set) the hidden validation
+    slice is scored too and both numbers go to the runner's report, not to the caller.
     """
     backend = backend or _model_backend(model)
     rows = eval_rows(tokenizer)
     token_bytes = get_token_bytes()
+    first = rows[:batch_size]
+    if len(first) < batch_size:
+        first = np.concatenate([first, np.resize(rows, (batch_size - len(first), rows.shape[1]))])
+    problem = check_causality(model, first[:, :-1], tokenizer.get_vocab_size(), backend)
+    if problem:
+        _write_eval_report({"invalid": problem, "profile": PROFILE.name, "dataset": DATASET})
+        print(f"evaluate_bpb: integrity check failed: {problem}", flush=True)
+        raise IntegrityError(f"evaluate_bpb refused to score the model: {problem}. "
+                             "Fix the model in the training file.")
+    bpb = _rows_bpb(model, rows, batch_size, backend, token_bytes)
+    _last_eval_tokens[0] = len(rows) * (rows.shape[1] - 1)
+    if os.environ.get(EVAL_REPORT_ENV):
+        record = {"val_bpb": bpb, "eval_tokens": _last_eval_tokens[0], "profile": PROFILE.name,
+                  "dataset": DATASET, "causality": "ok"}
+        hidden = hidden_rows(tokenizer)
+        if len(hidden):
+            record["hidden_bpb"] = _rows_bpb(model, hidden, batch_size, backend, token_bytes)
+            record["hidden_tokens"] = len(hidden) * (hidden.shape[1] - 1)
+        _write_eval_report(record)
+    return bpb
+
+
+def _rows_bpb(model, rows, batch_size, backend, token_bytes):
+    """Bits per byte of the model on `rows` (N, T+1), batch_size rows at a time."""
     total_nats, total_bytes = 0.0, 0
     n = len(rows)
     for start in range(0, n, batch_size):
@@ -1074,7 +1102,6 @@ def evaluate_bpb(model, tokenizer, batch_size, backend=None):
             total_nats += _mlx_batch_nats(model, x, y, real, nbytes > 0)
         else:
             total_nats += _torch_batch_nats(model, x, y, real, nbytes > 0)
-    _last_eval_tokens[0] = n * (rows.shape[1] - 1)
     return total_nats / (math.log(2) * total_bytes)
 
 
@@ -1159,6 +1186,120 @@ def summary_fields(tokenizer=None):
         rows = eval_rows(tokenizer or Tokenizer.from_directory())
         _last_eval_tokens[0] = len(rows) * (rows.shape[1] - 1)
     return {"dataset": DATASET, "profile": PROFILE.name, "eval_tokens": _last_eval_tokens[0]}
+
+# ---------------------------------------------------------------------------
+# Evaluation integrity: causality probe, hidden validation slice, the runner's report
+# ---------------------------------------------------------------------------
+# The trainer is agent-edited and runs the model; these checks run in the harness, before
+# the score. The autoresearch runner sets EVAL_REPORT_ENV to a file: each evaluate_bpb call
+# appends one JSON line (what it scored, the verdict, the hidden slice) that the runner
+# compares with the summary the trainer prints.
+
+EVAL_REPORT_ENV = "AUTORESEARCH_EVAL_REPORT"
+HIDDEN_EVAL_FRACTION = 0.25  # hidden slice: this fraction of eval_tokens, the val rows right after the scored ones
+CAUSALITY_RTOL = 1e-4        # allowed change of a logit fingerprint, relative to its scale
+
+
+class IntegrityError(HarnessError):
+    """The model broke an evaluation rule (reads future tokens, wrong logits shape, non-finite)."""
+
+
+def _logits_fingerprint(model, x, backend, probe):
+    """Run model(x) once; return (logits shape, all finite, (B, T) float64 fingerprint): each
+    position's float32 logits projected on a fixed random vector, in the eval's chunks, so
+    the probe holds no more memory than scoring does."""
+    if backend == "mlx":
+        import mlx.core as mx
+        logits = model(mx.array(x))
+        shape = tuple(logits.shape)
+        if len(shape) != 3 or shape[-1] != len(probe):
+            return shape, None, None
+        p = mx.array(probe.astype(np.float32))
+        flat = logits.reshape(-1, shape[-1])
+        finite, parts = True, []
+        for s in range(0, flat.shape[0], _chunk_tokens(shape[-1])):
+            chunk = flat[s:s + _chunk_tokens(shape[-1])].astype(mx.float32)
+            ok, fp = mx.isfinite(chunk).all(), chunk @ p
+            mx.eval(ok, fp)
+            finite = finite and bool(ok.item())
+            parts.append(np.array(fp, dtype=np.float64))
+        return shape, finite, np.concatenate(parts).reshape(shape[:2])
+    import torch
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    with torch.no_grad():
+        logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(device))
+        shape = tuple(logits.shape)
+        if len(shape) != 3 or shape[-1] != len(probe):
+            return shape, None, None
+        p = torch.from_numpy(probe.astype(np.float32)).to(device)
+        flat = logits.reshape(-1, shape[-1])
+        finite, parts = True, []
+        for s in range(0, flat.shape[0], _chunk_tokens(shape[-1])):
+            chunk = flat[s:s + _chunk_tokens(shape[-1])].float()
+            finite = finite and bool(torch.isfinite(chunk).all().item())
+            parts.append((chunk @ p).double().cpu().numpy())
+        return shape, finite, np.concatenate(parts).reshape(shape[:2])
+
+
+def check_causality(model, x, vocab_size, backend=None):
+    """Why the model must not be scored, or None. x: (B, T) input tokens.
+
+    Row i is run twice: as given, and with every token from position t_i on replaced
+    (t_i spread over 1..T-1 across the rows). Logits at positions before t_i must not move:
+    position p may only see tokens 0..p. Also: logits are (B, T, vocab_size) and finite."""
+    backend = backend or _model_backend(model)
+    x = np.asarray(x)
+    B, T = x.shape
+    rng = np.random.default_rng(20240611)
+    probe = rng.standard_normal(vocab_size)
+    shape, finite, fp = _logits_fingerprint(model, x, backend, probe)
+    if shape != (B, T, vocab_size):
+        return f"model(x) returned logits of shape {shape}; the harness needs (B, T, vocab) = {(B, T, vocab_size)}"
+    if not finite:
+        return "model(x) returned non-finite logits (NaN or inf)"
+    cuts = 1 + (np.arange(B) * (T - 2)) // max(B - 1, 1) if T > 1 else np.ones(B, dtype=np.int64)
+    changed = x.copy()
+    for i, t in enumerate(cuts):
+        changed[i, t:] = (x[i, t:] + rng.integers(1, vocab_size, T - t)) % vocab_size
+    _, _, fp2 = _logits_fingerprint(model, changed, backend, probe)
+    scale = float(np.abs(fp).max()) + 1.0
+    for i, t in enumerate(cuts):
+        moved = np.abs(fp[i, :t] - fp2[i, :t])
+        if moved.size and moved.max() > CAUSALITY_RTOL * scale:
+            p = int(np.argmax(moved > CAUSALITY_RTOL * scale))
+            return (f"the logits at position {p} changed when only tokens from position {t} on changed: "
+                    f"the model reads future tokens (not causal)")
+    return None
+
+
+def hidden_rows(tokenizer, profile=None, dataset=None):
+    """The hidden validation slice: the val rows right after the ones evaluate_bpb scores
+    (HIDDEN_EVAL_FRACTION of eval_tokens; fewer, or none, when the val shard runs out).
+    Its bpb goes only to the runner's report: the agent never selects on it, so a gap that
+    grows between it and val_bpb over many keeps shows overfitting to the main slice."""
+    profile = profile or PROFILE
+    dataset = dataset or DATASET
+    n_main = len(eval_rows(tokenizer, profile, dataset))
+    T = profile.seq_len
+    n_hidden = max(1, int(profile.eval_tokens * HIDDEN_EVAL_FRACTION) // T)
+    key = ("hidden", CACHE_DIR, dataset, profile, id(tokenizer.enc))
+    if key not in _eval_rows_cache:
+        want = n_main + n_hidden
+        batches = _tokenized_batches(tokenizer, _document_batches("val", dataset, cycle=False))
+        packed = [rows for rows, _ in itertools.islice(pack_rows(batches, 64, T, drain=True, dtype=np.int32),
+                                                       math.ceil(want / 64))]
+        rows = np.concatenate(packed)[:want] if packed else np.empty((0, T + 1), np.int32)
+        _eval_rows_cache[key] = rows[n_main:]
+    return _eval_rows_cache[key]
+
+
+def _write_eval_report(record):
+    path = os.environ.get(EVAL_REPORT_ENV)
+    if not path:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
 
 # ---------------------------------------------------------------------------
 # Device peak FLOPs (for MFU): dense, per device, by dtype
