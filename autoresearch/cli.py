@@ -11,7 +11,7 @@ from pathlib import Path
 from . import gitops
 from .agents import AGENTS, default_agent_name, make_agent
 from .ledger import Ledger
-from .trainer import BACKENDS, SetupError, Trainer, detect_backend
+from .trainer import BACKENDS, SetupError, Trainer, detect_backend, harness_info
 
 DESCRIPTION = """Autonomous research on one training file: an agent edits it, the runner trains
 for the profile's fixed time budget, reads val_bpb, keeps the change if it beat the best
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoresearch", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-C", "--repo", default=".", help="project checkout to work in (default: current directory)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,status,report}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,noise,status,report}")
 
     r = sub.add_parser("run", help="run the research loop (baseline first, then experiments)",
                        description="Create branch autoresearch/<tag>, run the baseline, then loop: the agent "
@@ -65,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an existing run after a crash or kill: logs the unfinished experiment as "
                         "a crash, resets to the best kept commit and goes on")
 
+    add_decision_args(r)
+    add_metric_args(r)
+
+    n = sub.add_parser("noise", help="measure the noise floor: the current training file run K times with seeds "
+                                     "AUTORESEARCH_SEED+i; mean and spread go to the ledger",
+                       description="Run the current training file (or --metric-cmd) K times with different seeds "
+                                   "and record the mean and standard deviation in ledger.jsonl; the noise-aware "
+                                   "keep rule of `run` uses the latest comparable record.")
+    n.add_argument("--runs", type=int, default=None, metavar="K", help="number of runs (default 5)")
+    n.add_argument("--backend", choices=BACKENDS, default=None, help="as for run")
+    n.add_argument("--tag", default=None, help="ledger tag to file the record under (default: current run or today)")
+    add_metric_args(n)
+
     s = sub.add_parser("status", help="where a run stands: best result, counts, spend, experiment in flight")
     s.add_argument("--tag", default=None, help="run to show (default: the current or most recent run)")
 
@@ -72,6 +85,47 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--tag", default=None, help="run to report (default: the current or most recent run)")
     rep.add_argument("--output", default="progress.png", help="image path (default: progress.png)")
     return p
+
+
+def add_decision_args(r) -> None:
+    g = r.add_argument_group("keep rule")
+    g.add_argument("--decide", choices=("noise", "greedy"), default=None,
+                   help="noise (default): a gain smaller than the measured noise floor is re-run with new "
+                        "seeds and kept only if the mean still wins; greedy: upstream's strictly-lower rule")
+    g.add_argument("--confidence", type=float, default=0.95,
+                   help="one-sided confidence a keep needs under --decide noise (default 0.95)")
+    g.add_argument("--reruns", type=int, default=2, metavar="N",
+                   help="re-runs of a candidate inside the noise band (default 2)")
+    g.add_argument("--noise-runs", type=int, default=5, metavar="K",
+                   help="baseline runs that measure the noise floor when the ledger has none (default 5)")
+
+
+def add_metric_args(r) -> None:
+    g = r.add_argument_group("general mode (any target a command can score)")
+    g.add_argument("--metric-cmd", default=None, metavar="CMD", help="shell command whose output holds the score")
+    g.add_argument("--metric-regex", default=None, metavar="RE",
+                   help="regex for the score in CMD's output (its group, last match), e.g. 'time_ms: ([0-9.]+)'")
+    g.add_argument("--direction", choices=("min", "max"), default="min", help="lower or higher is better")
+    g.add_argument("--scope", nargs="+", default=None, metavar="FILE", help="the file the agent may edit")
+    g.add_argument("--guard", default=None, metavar="CMD", help="command that must pass (exit 0) for a keep")
+    g.add_argument("--rubric", default=None, metavar="FILE",
+                   help="3-6 yes/no criteria scored by an LLM judge (Anthropic API); score = number of yes")
+    g.add_argument("--judge-model", default=None, help="model of the rubric judge (default claude-sonnet-4-6)")
+
+
+def metric_trainer(args, last_harness: dict | None = None):
+    """The general-mode Trainer from the flags (or, on --resume, from the last session), or None."""
+    from .metric import MetricTrainer
+    h = last_harness if (last_harness or {}).get("mode") == "metric" else {}
+    cmd = args.metric_cmd or h.get("metric_cmd")
+    rubric = args.rubric or h.get("rubric_file")
+    if not (cmd or rubric or args.scope):
+        return None
+    trainer = MetricTrainer.build(cmd, args.metric_regex or h.get("metric_regex"),
+                                  args.direction if args.metric_cmd or not h else h.get("direction", "min"),
+                                  args.scope or h.get("scope") or [], guard=args.guard or h.get("guard"),
+                                  rubric=rubric, judge_model=args.judge_model or h.get("judge_model"))
+    return trainer
 
 
 def resolve_tag(repo, root: Path, tag: str | None) -> str:
@@ -98,17 +152,44 @@ def cmd_run(args) -> int:
         agent_name = args.agent or last.get("agent") or default_agent_name()
         backend = args.backend or last.get("backend") or backend
         model = args.model or last.get("model")
+        last_harness = last.get("harness") or {}
     else:
+        last_harness = {}
         tag = args.tag or default_tag()
         agent_name = args.agent or default_agent_name()
         model = args.model
+    from .policy import Decisions
     agent = make_agent(agent_name, model=model, max_turns=args.max_turns)
+    trainer = metric_trainer(args, last_harness)
+    if trainer is not None:
+        trainer.check()
+        backend = "metric"
+    decide = args.decide or (last_harness.get("decide") or {}).get("rule") or "noise"
+    decisions = Decisions(decide, confidence=args.confidence, reruns=args.reruns, noise_runs=args.noise_runs)
     config = RunConfig(tag=tag, backend=backend, max_experiments=args.max_experiments, max_spend=args.max_spend,
                        max_fix_attempts=args.max_fix_attempts)
     if os.environ.get("AUTORESEARCH_OUTAGE_WAIT"):
         config.outage_wait_s = float(os.environ["AUTORESEARCH_OUTAGE_WAIT"])
-    runner = Runner(root, config, agent, Trainer.for_backend(backend))
+    runner = Runner(root, config, agent, trainer or Trainer.for_backend(backend), decisions=decisions)
     return run(runner, resume=args.resume)
+
+
+def cmd_noise(args) -> int:
+    from .noise import cmd_noise as measure_noise
+    repo = gitops.open_repo(args.repo)
+    root = gitops.root(repo)
+    trainer = metric_trainer(args)
+    if trainer is None:
+        trainer = Trainer.for_backend(args.backend or detect_backend())
+    else:
+        trainer.check()
+    harness = trainer.harness(root) if hasattr(trainer, "harness") else harness_info(root)
+    try:
+        tag = resolve_tag(repo, root, args.tag)
+    except SetupError:
+        tag = default_tag()
+    gitops.exclude_run_outputs(repo, ("run.seed*.log",))
+    return measure_noise(args, trainer, harness, Ledger(root, tag), root)
 
 
 def cmd_status(args) -> int:
@@ -143,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        return {"run": cmd_run, "status": cmd_status, "report": cmd_report}[args.command](args)
+        return {"run": cmd_run, "noise": cmd_noise, "status": cmd_status, "report": cmd_report}[args.command](args)
     except (SetupError, gitops.GitError) as e:
         print(f"autoresearch: {e}", file=sys.stderr)
         return 2

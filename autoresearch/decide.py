@@ -70,10 +70,24 @@ class Greedy:
                        reason="better than the best" if better else "not better than the best")
 
 
+def t_quantile(p: float, df: int | None) -> float:
+    """Student-t quantile: Hill's (1970) expansion around the normal quantile, within 0.01
+    of the exact value for df >= 3 at p <= 0.99. df None: the normal quantile."""
+    z = statistics.NormalDist().inv_cdf(p)
+    if df is None:
+        return z
+    v = float(df)
+    return (z + (z ** 3 + z) / (4 * v) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * v ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * v ** 3))
+
+
 class NoiseAware:
     name = "noise"
 
-    def __init__(self, sigma: float, confidence: float = DEFAULT_CONFIDENCE, reruns: int = DEFAULT_RERUNS):
+    def __init__(self, sigma: float, confidence: float = DEFAULT_CONFIDENCE, reruns: int = DEFAULT_RERUNS,
+                 df: int | None = None):
+        """sigma: the noise floor (sample std of one run); df: its degrees of freedom (runs - 1),
+        so a sigma measured on few runs asks for a wider margin (Student t, not normal)."""
         if not 0.5 <= confidence < 1:
             raise ValueError(f"--confidence {confidence}: use a probability in [0.5, 1), e.g. 0.95.")
         if sigma < 0 or not math.isfinite(sigma):
@@ -81,7 +95,8 @@ class NoiseAware:
         self.sigma = sigma
         self.confidence = confidence
         self.reruns = reruns
-        self.z = statistics.NormalDist().inv_cdf(confidence)
+        self.df = df if df is None or df >= 1 else None
+        self.z = t_quantile(confidence, self.df)
 
     def margin(self, n_runs: int, n_best: int) -> float:
         """The gain a mean of n_runs must show over a best measured n_best times."""
@@ -114,7 +129,7 @@ class NoiseAware:
 
 
 def make_decider(rule: str, sigma: float | None, confidence: float = DEFAULT_CONFIDENCE,
-                 reruns: int = DEFAULT_RERUNS):
+                 reruns: int = DEFAULT_RERUNS, df: int | None = None):
     """The rule object; `noise` without a measured sigma is an error the caller handles
     (the runner measures the noise floor at the baseline first)."""
     if rule == "greedy":
@@ -122,7 +137,7 @@ def make_decider(rule: str, sigma: float | None, confidence: float = DEFAULT_CON
     if rule == "noise":
         if sigma is None:
             raise ValueError("the noise rule needs a noise floor: run `autoresearch noise` first.")
-        return NoiseAware(sigma, confidence, reruns)
+        return NoiseAware(sigma, confidence, reruns, df)
     raise ValueError(f"unknown --decide rule {rule!r}: use one of {', '.join(DECIDE_RULES)}.")
 
 

@@ -126,7 +126,8 @@ class Ledger:
     def best(self) -> dict | None:
         """The kept result with the lowest val_bpb (ties: the earliest)."""
         kept = [r for r in self.results() if r["status"] == "keep"]
-        return min(kept, key=lambda r: r["val_bpb"]) if kept else None
+        # general mode may maximise a metric: such results carry direction "max"
+        return min(kept, key=lambda r: -r["val_bpb"] if r.get("direction") == "max" else r["val_bpb"]) if kept else None
 
     def next_exp(self) -> int:
         used = [r["exp"] for r in self.records() if "exp" in r]

@@ -64,6 +64,7 @@ class MetricTrainer(Trainer):
     judge: object = None            # RubricJudge, when --rubric is given
     budget_s: float = DEFAULT_METRIC_BUDGET
     metric_name: str = "metric"
+    rubric_file: str | None = None
 
     @classmethod
     def build(cls, metric_cmd: str | None, metric_regex: str | None, direction: str, scope: list[str],
@@ -89,7 +90,7 @@ class MetricTrainer(Trainer):
         return cls(backend="metric", training_file=scope[0], command=command, parse=parse,
                    metric_cmd=metric_cmd or "", metric_regex=metric_regex or "", direction=direction,
                    scope=tuple(scope), guard=guard, judge=judge, budget_s=budget_s,
-                   metric_name="rubric score" if judge else "metric")
+                   metric_name="rubric score" if judge else "metric", rubric_file=rubric)
 
     def harness(self, repo_root: Path) -> dict:
         """What the ledger records about the target (instead of prepare.py's profile)."""
@@ -100,7 +101,7 @@ class MetricTrainer(Trainer):
                 "direction": self.direction, "scope": list(self.scope), "guard": self.guard,
                 "time_budget": self.budget_s}
         if self.judge is not None:
-            info.update(rubric=self.judge.criteria, judge_model=self.judge.model)
+            info.update(rubric=self.judge.criteria, rubric_file=self.rubric_file, judge_model=self.judge.model)
         return info
 
     def check(self) -> None:

@@ -44,9 +44,16 @@ class Decisions:
         self.runner = runner
         self.report_path = Path(runner.repo.git_dir) / "autoresearch-eval.jsonl"
         runner.trainer.env[REPORT_ENV] = str(self.report_path)
+        # prepare.py (protected, hash-checked) writes the report if it has the hook
+        harness_file = runner.repo_root / "prepare.py"
+        if harness_file.exists() and REPORT_ENV in harness_file.read_text(errors="replace"):
+            runner.harness["eval_report"] = True
         self.reports_required = bool(runner.harness.get("eval_report"))
+        runner.harness["decide"] = {"rule": self.rule, "confidence": self.confidence, "reruns": self.reruns,
+                                    "noise_runs": self.noise_runs}
         gitops.exclude_run_outputs(runner.repo, RERUN_LOGS)
         self._load_floor()
+        runner.out(f"Keep rule: {self.describe()}.")
 
     def _load_floor(self) -> None:
         if self.rule != "noise":
@@ -54,7 +61,7 @@ class Decisions:
         r = self.runner
         floor = noise_floor(r.ledger.all_records(), r.harness, r.config.backend)
         if floor is not None:
-            self.decider = NoiseAware(floor["std"], self.confidence, self.reruns)
+            self.decider = NoiseAware(floor["std"], self.confidence, self.reruns, floor["n"] - 1)
 
     @property
     def direction(self) -> str:
@@ -123,7 +130,7 @@ class Decisions:
             return self._failed(outcome)
         problem = self.check(outcome)
         if problem:
-            return "invalid", {"invalid_reason": problem}
+            return "invalid", {"invalid_reason": problem, "val_bpb": None}
         r = self.runner
         value = outcome.summary["val_bpb"]
         extra = {"blob": blob_id(r.repo_root, r.training_file), "decide": self.rule,
@@ -144,19 +151,20 @@ class Decisions:
                                   r.repo_root, "baseline")
             r.out(f"[{exp}] {format_noise(record, getattr(r.trainer, 'metric_name', 'val_bpb'))}")
             if record.get("std") is not None:
-                self.decider = NoiseAware(record["std"], self.confidence, self.reruns)
+                self.decider = NoiseAware(record["std"], self.confidence, self.reruns, record["n"] - 1)
                 extra.update(val_bpb=record["mean"], runs=values, seeds=seeds)
             else:
                 r.out(f"[{exp}] not enough usable runs for a noise floor: deciding greedily.")
         return "keep", extra
 
-    def judge(self, exp: int, outcome) -> tuple[str, dict]:
-        """keep / discard / invalid / crash for an experiment, with re-runs if the rule asks."""
+    def judge(self, exp: int, outcome, custom=None) -> tuple[str, dict]:
+        """keep / discard / invalid / crash for an experiment, with re-runs if the rule asks.
+        `custom(val, best_val) -> status` replaces the rule (Runner.decide set by hand)."""
         if not outcome.ok:
             return self._failed(outcome)
         problem = self.check(outcome)
         if problem:
-            return "invalid", {"invalid_reason": problem}
+            return "invalid", {"invalid_reason": problem, "val_bpb": None}
         r = self.runner
         value = outcome.summary["val_bpb"]
         extra = {"blob": blob_id(r.repo_root, r.training_file), "decide": self.decider.name,
@@ -164,6 +172,8 @@ class Decisions:
         best = best_of(r.ledger.best())
         if best is None:     # no kept baseline (cannot happen in the loop; be safe)
             return "keep", extra
+        if custom is not None:
+            return custom(value, best.value), extra
         seed = base_seed()
 
         def rerun(i: int) -> float | None:
@@ -193,3 +203,36 @@ def direction_key(result: dict) -> float:
 
 def is_finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def report_lines(results: list[dict]) -> list[str]:
+    """For `autoresearch report`: what each keep rule did and cost, and the hidden slice."""
+    lines = []
+    experiments = [r for r in results if not r.get("baseline")]
+    rules = sorted({r.get("decide") for r in experiments if r.get("decide")})
+    for rule in rules:
+        mine = [r for r in experiments if r.get("decide") == rule]
+        keeps = sum(1 for r in mine if r["status"] == "keep")
+        reruns = sum(r.get("reruns", 0) for r in mine)
+        rerun_keeps = sum(1 for r in mine if r["status"] == "keep" and r.get("reruns"))
+        lines.append(f"keep rule {rule}: {keeps} keeps of {len(mine)} scored experiments, {reruns} re-runs "
+                     f"({sum(1 for r in mine if r.get('reruns'))} experiments re-run, {rerun_keeps} kept after re-runs)")
+    dups = sum(1 for r in experiments if r.get("duplicate_of") is not None)
+    if dups:
+        lines.append(f"identical training files not re-run: {dups}")
+    noise = [r for r in results if r.get("baseline") and r.get("runs")]
+    if noise:
+        import statistics
+        runs = noise[-1]["runs"]
+        lines.append(f"noise floor (baseline, {len(runs)} runs): std {statistics.stdev(runs):.6f}")
+    hidden = [r for r in results if r["status"] == "keep" and is_finite(r.get("hidden_bpb"))
+              and is_finite(r.get("val_bpb"))]
+    if len(hidden) >= 2:
+        first, last = hidden[0], min(hidden, key=direction_key)
+        main_gain, hidden_gain = first["val_bpb"] - last["val_bpb"], first["hidden_bpb"] - last["hidden_bpb"]
+        lines.append(f"hidden validation slice (never selected on), kept runs: baseline {first['hidden_bpb']:.6f} "
+                     f"-> best {last['hidden_bpb']:.6f} ({hidden_gain:+.6f} vs {main_gain:+.6f} on val_bpb)")
+        if len(hidden) >= 3 and main_gain > 0 and hidden_gain < 0.5 * main_gain:
+            lines.append("WARNING: the hidden slice improved by less than half of val_bpb's gain: the keeps may "
+                         "overfit the main validation slice.")
+    return lines

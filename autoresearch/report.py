@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import gitops
 from .ledger import Ledger
+from .policy import report_lines
 from .trainer import group_alive
 
 
@@ -33,6 +34,7 @@ def summary_table(results: list[dict]) -> str:
         profiles = sorted({(r.get("profile"), r.get("dataset"), r.get("eval_tokens")) for r in kept}, key=str)
         if len(profiles) > 1:
             lines.append(f"WARNING: results span several profile/dataset/eval sizes {profiles}: not comparable.")
+    lines += report_lines(rows)
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ from . import gitops
 from .agents import (Agent, AgentFailed, AgentUnavailable, BudgetExhausted, Context, Proposal,
                      make_digest)
 from .ledger import Ledger
+from .policy import Decisions
 from .trainer import SetupError, Trainer, group_alive, harness_info, kill_group, timeout_for
 
 
@@ -79,6 +80,7 @@ class Runner:
     agent: Agent
     trainer: Trainer
     decide: Callable[[float, float], str] = decide_greedy
+    decisions: Decisions = field(default_factory=Decisions)   # integrity, keep rule, re-runs (policy.py)
     out: Callable[[str], None] = print
     sleep: Callable[[float], None] = time.sleep
     harness: dict = field(default_factory=dict)
@@ -105,7 +107,9 @@ class Runner:
             raise SetupError(f"branch {self.branch} already exists: continue it with `autoresearch run "
                              f"--resume --tag {self.config.tag}` or pick a new --tag.")
         self._check_training_file()
-        self.harness = harness_info(self.repo_root)
+        # a Trainer may describe its own target (general mode); else ask prepare.py
+        self.harness = getattr(self.trainer, 'harness', harness_info)(self.repo_root)
+        self.decisions.setup(self)
         self.agent.check()
         gitops.exclude_run_outputs(self.repo)
         self._set_aside_foreign_results()
@@ -145,7 +149,9 @@ class Runner:
             # the baseline runs on the branch as it is now.
             self.base_commit = gitops.head_sha(self.repo)
         self._check_training_file()
-        self.harness = harness_info(self.repo_root)
+        # a Trainer may describe its own target (general mode); else ask prepare.py
+        self.harness = getattr(self.trainer, 'harness', harness_info)(self.repo_root)
+        self.decisions.setup(self)
         self.agent.check()
         gitops.exclude_run_outputs(self.repo)
         self.protected_untracked = set(sessions[-1].get("protected_untracked", []))
@@ -306,9 +312,10 @@ class Runner:
         self.out(f"[{exp}] baseline at {gitops.short(commit)}")
         self.ledger.append("start", exp=exp, commit=commit, parent=commit, description="baseline", baseline=True)
         outcome = self._train(exp)
-        status = "keep" if outcome.ok else "crash"
-        self._finish(exp, commit, status, "baseline", outcome, baseline=True)
-        return outcome.ok
+        status, extra = self.decisions.baseline(exp, outcome)
+        description = f"baseline [invalid: {extra.pop('invalid_reason')}]" if status == "invalid" else "baseline"
+        self._finish(exp, commit, status, description, outcome, baseline=True, **extra)
+        return status == "keep"
 
     def experiment(self) -> None:
         exp = self.ledger.next_exp()
@@ -321,6 +328,9 @@ class Runner:
             self._write_result(exp, None, "invalid", f"{proposal.description} [invalid: {violation}]",
                                cost_usd=cost, agent_meta=proposal.meta, usage=proposal.usage)
             self._reset(best_commit)
+            return
+        if self.decisions.duplicate(exp, proposal.description, best_commit, cost_usd=cost,
+                                    agent_meta=proposal.meta, usage=proposal.usage):
             return
         commit = gitops.commit_file(self.repo, self.training_file, proposal.description, exp=exp)
         crash_point("after_commit", exp)
@@ -346,9 +356,11 @@ class Runner:
                                cost_usd=cost, fix_attempt=attempts)
             self.out(f"[{exp}] fix attempt {attempts}: {fix.description} ({gitops.short(commit)})")
             outcome = self._train(exp)
-        status = self.decide(outcome.summary["val_bpb"], best_val) if outcome.ok else "crash"
+        status, verdict = self.decisions.judge(exp, outcome, None if self.decide is decide_greedy else self.decide)
+        if status == "invalid":
+            description = f"{description} [invalid: {verdict.pop('invalid_reason')}]"
         self._finish(exp, commit, status, description, outcome, cost_usd=cost, fix_attempts=attempts,
-                     agent_meta=proposal.meta, usage=proposal.usage, parent=best_commit)
+                     agent_meta=proposal.meta, usage=proposal.usage, parent=best_commit, **verdict)
         if status != "keep":
             crash_point("before_reset", exp)
             self._reset(best_commit)
@@ -423,6 +435,8 @@ class Runner:
         return None
 
     def _train(self, exp: int):
+        self.decisions.before_run()
+
         def on_spawn(pid: int) -> None:
             self.ledger.append("spawn", exp=exp, pgid=pid)
             if os.environ.get("AUTORESEARCH_CRASH_AT", "").partition("@")[0] == "during_run":
@@ -432,7 +446,7 @@ class Runner:
 
     def _finish(self, exp, commit, status, description, outcome, **extra) -> None:
         s = outcome.summary or {}
-        val = s.get("val_bpb") if outcome.ok else None
+        val = extra.pop("val_bpb") if "val_bpb" in extra else (s.get("val_bpb") if outcome.ok else None)
         mem = s.get("peak_vram_mb") / 1024 if isinstance(s.get("peak_vram_mb"), float) and outcome.ok else None
         self._write_result(exp, commit, status, description, val_bpb=val, memory_gb=mem,
                            run_seconds=round(outcome.seconds, 2), returncode=outcome.returncode,
