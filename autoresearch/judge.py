@@ -2,9 +2,11 @@
 
 The rubric file lists 3 to 6 criteria, one per line, as a markdown list ("- ...", "* ..." or
 "1. ..."); other lines (a title, blank lines, comments) are ignored. Each scoring is one
-fresh request at temperature 0: the criteria and the artifact (the scope files, plus the
-output of --metric-cmd when one is given) go in; one line per criterion, `N: yes` or
-`N: no`, comes back. A reply that does not answer every criterion is an error, not a zero.
+fresh request: the criteria and the artifact (the scope files, plus the output of
+--metric-cmd when one is given) go in; one line per criterion, `N: yes` or `N: no`, comes
+back. A reply that does not answer every criterion is an error, not a zero. A judge is a
+noisy instrument: the noise-aware keep rule re-asks it (re-runs) before keeping a gain
+smaller than its measured spread (`autoresearch noise --rubric FILE --scope FILE`).
 """
 from __future__ import annotations
 
@@ -94,7 +96,7 @@ class RubricJudge:
         criteria = "\n".join(f"{i}. {c}" for i, c in enumerate(self.criteria, 1))
         try:
             resp = self.client.messages.create(
-                model=self.model, max_tokens=200, temperature=0.0, system=SYSTEM,
+                model=self.model, max_tokens=200, system=SYSTEM,
                 messages=[{"role": "user", "content": PROMPT.format(criteria=criteria, artifact=artifact,
                                                                     n=len(self.criteria))}])
         except anthropic.APIError as e:

@@ -2,7 +2,8 @@
 noise, like a real time-budgeted run (different seeds, different step counts).
 
 The noise of run k is N(0, NOISE_SIGMA) drawn from Random(f"{seed}:{k}"), k counted in the
-file named by $NOISY_STATE, so a test sees the same sequence every time it runs.
+file named by $NOISY_STATE, so a test sees the same sequence every time it runs; or the k-th
+number of $NOISY_VALUES (comma-separated) when a test scripts the noise exactly.
 """
 MATRIX_LR = 0.04
 OFFSET = 0.0
@@ -30,7 +31,8 @@ if __name__ == "__main__":
     prepare.ensure_prepared()
     seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
     k = next_run_index()
-    noise = random.Random(f"{seed}:{k}").gauss(0.0, NOISE_SIGMA)
+    scripted = [float(v) for v in os.environ.get("NOISY_VALUES", "").split(",") if v]
+    noise = scripted[k] if k < len(scripted) else random.Random(f"{seed}:{k}").gauss(0.0, NOISE_SIGMA)
     val = 1.0 + 0.5 * math.log(MATRIX_LR / 0.09) ** 2 + OFFSET + noise
     fields = prepare.summary_fields()
     print("---")

@@ -1,0 +1,102 @@
+"""False-keep rate of the keep rules over repeated A/A comparisons (a SIMULATION driven by a
+measured noise distribution), and their power on planted real gains.
+
+    uv run bench/false_keep.py --values 3.3362 3.1992 ...      # measured val_bpb of one file
+    uv run bench/false_keep.py --ledger ledger.jsonl           # the latest `noise` record
+
+Each trial plays what the runner does: the baseline is run --noise-runs times (its mean is
+the best, its sample std the rule's sigma, so sigma's own estimation error is included),
+then a candidate with the SAME distribution (A/A) or one shifted by g * sigma is judged by
+greedy and by the noise-aware rule (decide.py, re-runs drawn from the same distribution).
+Draws are either resampled from the measured values (empirical, with replacement) or
+normal with their mean and std (--normal). Prints keep rates and re-runs per decision.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from autoresearch.decide import Best, Greedy, NoiseAware  # noqa: E402
+
+
+def load_values(args) -> list[float]:
+    if args.values:
+        return list(args.values)
+    records = [json.loads(l) for l in Path(args.ledger).read_text().splitlines() if l.strip()]
+    noise = [r for r in records if r.get("event") == "noise"]
+    if not noise:
+        sys.exit(f"{args.ledger} has no noise record: run `autoresearch noise` first.")
+    return noise[-1]["values"]
+
+
+def simulate(values, trials, noise_runs, reruns, confidence, shift_sigmas, normal, seed):
+    rng = random.Random(seed)
+    mu, sd = statistics.fmean(values), statistics.stdev(values)
+    centred = [v - mu for v in values]
+
+    def draw(shift):
+        return mu + shift + (rng.gauss(0.0, sd) if normal else rng.choice(centred))
+
+    out = {}
+    for g in shift_sigmas:
+        shift = -g * sd    # lower val_bpb is better: a real gain of g sigma
+        keeps = {"greedy": 0, "noise": 0}
+        rerun_count = 0
+        for _ in range(trials):
+            base_runs = [draw(0.0) for _ in range(noise_runs)]
+            single = base_runs[0]
+            cand = draw(shift)
+            # greedy: upstream compares with a single baseline run
+            keeps["greedy"] += Greedy().decide(cand, Best(single), lambda i: None).status == "keep"
+            rule = NoiseAware(statistics.stdev(base_runs), confidence, reruns, df=noise_runs - 1)
+            used = []
+
+            def rerun(i):
+                used.append(i)
+                return draw(shift)
+            keeps["noise"] += rule.decide(cand, Best(statistics.fmean(base_runs), noise_runs), rerun).status == "keep"
+            rerun_count += len(used)
+        out[g] = {"greedy": keeps["greedy"] / trials, "noise": keeps["noise"] / trials,
+                  "reruns_per_decision": rerun_count / trials}
+    return mu, sd, out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--values", type=float, nargs="+", help="measured values of one training file")
+    src.add_argument("--ledger", help="ledger.jsonl with a `noise` record")
+    p.add_argument("--trials", type=int, default=20000)
+    p.add_argument("--noise-runs", type=int, default=5)
+    p.add_argument("--reruns", type=int, default=2)
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--gains", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0],
+                   help="real gains to plant, in units of sigma (0 = A/A)")
+    p.add_argument("--normal", action="store_true", help="draw from a normal fit instead of resampling")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    values = load_values(args)
+    if len(values) < 3:
+        sys.exit("need at least 3 measured values")
+    mu, sd, res = simulate(values, args.trials, args.noise_runs, args.reruns, args.confidence, args.gains,
+                           args.normal, args.seed)
+    kind = "normal fit" if args.normal else "resampled measured values"
+    print(f"SIMULATION ({kind}): {len(values)} measured values, mean {mu:.6f}, std {sd:.6f}; "
+          f"{args.trials} trials each; baseline {args.noise_runs} runs, {args.reruns} re-runs, "
+          f"confidence {args.confidence}")
+    print(f"{'real gain':>10}  {'greedy keeps':>12}  {'noise keeps':>11}  {'re-runs/decision':>16}")
+    for g, r in res.items():
+        label = "A/A" if g == 0 else f"{g:g} sigma"
+        print(f"{label:>10}  {r['greedy']:>12.3f}  {r['noise']:>11.3f}  {r['reruns_per_decision']:>16.2f}")
+    aa = res.get(0.0)
+    if aa and aa["noise"] > 0:
+        print(f"A/A false-keep ratio greedy / noise-aware: {aa['greedy'] / aa['noise']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Keep rules: greedy vs noise-aware, re-runs, the noise floor, identical files never run twice.
+
+The loop tests run the real runner on real git repositories in temp dirs with a stand-in
+trainer (tests/decide_fixtures/noisy_train.py) run as a real subprocess: its val_bpb is a
+function of its constants plus N(0, 0.03) run-to-run noise from a fixed random stream, so
+the A/A test is deterministic and still looks like a real trainer to the runner."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from autoresearch.agents import Agent, AgentFailed, Proposal
+from autoresearch.decide import Best, Greedy, NoiseAware, duplicate_of, gain, make_decider, spread
+from autoresearch.policy import Decisions
+from autoresearch.runner import RunConfig, Runner, run
+from autoresearch.trainer import Trainer
+from loop_fixtures.helpers import cli_env, ledger_records, make_repo, run_cli, tsv_rows
+
+HERE = Path(__file__).parent
+NOISY = HERE / "decide_fixtures" / "noisy_train.py"
+SIGMA = 0.03
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(("AUTORESEARCH_", "FAKE_", "ANTHROPIC_", "NOISY_")):
+            monkeypatch.delenv(k)
+
+
+# -- the rules on their own --------------------------------------------------------------------
+def scripted_reruns(values):
+    calls = []
+
+    def rerun(i):
+        calls.append(i)
+        return values[i - 1]
+    return rerun, calls
+
+
+def test_greedy_keeps_any_improvement_without_reruns():
+    rerun, calls = scripted_reruns([])
+    assert Greedy().decide(0.999, Best(1.0), rerun).status == "keep"
+    assert Greedy().decide(1.0, Best(1.0), rerun).status == "discard"
+    assert Greedy().decide(2.0, Best(1.0), rerun, direction="max").status == "keep"
+    assert calls == []
+
+
+def test_noise_aware_thresholds_and_reruns():
+    rule = NoiseAware(sigma=0.03, confidence=0.95, reruns=2)
+    z = 1.6448536
+    assert rule.margin(1, 1) == pytest.approx(z * 0.03 * math.sqrt(2), rel=1e-6)
+    # worse or equal: discarded, nothing re-run
+    rerun, calls = scripted_reruns([])
+    assert rule.decide(1.01, Best(1.0), rerun).status == "discard" and calls == []
+    # a clear win (> z*sigma*sqrt(2) = 0.0698): kept at once
+    v = rule.decide(0.92, Best(1.0), rerun)
+    assert v.status == "keep" and v.reruns == 0 and calls == []
+    # a small win that the re-runs do not confirm: discarded after 2 re-runs, mean recorded
+    rerun, calls = scripted_reruns([1.01, 1.02])
+    v = rule.decide(0.97, Best(1.0), rerun)
+    assert v.status == "discard" and calls == [1, 2] and v.value == pytest.approx(1.0)
+    assert v.runs == [0.97, 1.01, 1.02]
+    # a small win the re-runs confirm (mean 0.94 < 1.0 - z*0.03*sqrt(1/3+1) = 0.943)
+    rerun, calls = scripted_reruns([0.93, 0.94])
+    v = rule.decide(0.95, Best(1.0), rerun)
+    assert v.status == "keep" and v.value == pytest.approx(0.94) and calls == [1, 2]
+    # a re-run that crashes: a flaky change is not kept
+    rerun, calls = scripted_reruns([None, 0.9])
+    assert rule.decide(0.97, Best(1.0), rerun).status == "discard" and calls == [1]
+    # the more runs behind the best, the smaller the margin
+    assert rule.margin(3, 5) < rule.margin(1, 1)
+    # max direction (general mode): higher is better
+    rerun, calls = scripted_reruns([])
+    assert rule.decide(1.2, Best(1.0), rerun, direction="max").status == "keep"
+    assert gain(1.2, 1.0, "max") == pytest.approx(0.2) and gain(0.8, 1.0, "min") == pytest.approx(0.2)
+
+
+def test_bad_rule_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="confidence"):
+        NoiseAware(0.03, confidence=1.5)
+    with pytest.raises(ValueError, match="autoresearch noise"):
+        make_decider("noise", None)
+    with pytest.raises(ValueError, match="greedy"):
+        make_decider("bogus", 0.1)
+    s = spread([1.0, 1.1, 0.9])
+    assert s["mean"] == pytest.approx(1.0) and s["std"] == pytest.approx(0.1) and s["n"] == 3
+
+
+# -- the loop ----------------------------------------------------------------------------------
+class ScriptedAgent(Agent):
+    """Applies a fixed list of edits (functions of the file path), one per experiment."""
+    name = "scripted"
+
+    def __init__(self, edits):
+        self.edits = list(edits)
+
+    def propose(self, ctx):
+        if not self.edits:
+            raise AgentFailed("script exhausted")
+        desc, edit = self.edits.pop(0)
+        edit(ctx.training_path)
+        return Proposal(description=desc)
+
+
+def add_comment(k):
+    """An A/A edit: the file changes (new git blob) but the training does not."""
+    def edit(path):
+        path.write_text(path.read_text() + f"# no-op edit {k}\n")
+    return edit
+
+
+def set_const(name, value):
+    def edit(path):
+        path.write_text(re.sub(rf"^{name} = .*$", f"{name} = {value}", path.read_text(), count=1, flags=re.M))
+    return edit
+
+
+def noisy_repo(tmp_path, monkeypatch, name="p"):
+    d = tmp_path / name
+    make_repo(d)
+    shutil.copy(NOISY, d / "train_mlx.py")
+    import git
+    repo = git.Repo(d)
+    repo.git.add("train_mlx.py")
+    repo.git.commit("-q", "-m", "noisy trainer")
+    monkeypatch.setenv("NOISY_STATE", str(tmp_path / f"{name}.state"))
+    monkeypatch.setenv("NOISY_SIGMA", str(SIGMA))
+    return d
+
+
+def loop(d, edits, rule, **kw):
+    config = RunConfig(tag="t", backend="mlx", max_experiments=len(edits))
+    runner = Runner(d, config, ScriptedAgent(edits), Trainer.for_backend("mlx"), out=lambda s: None,
+                    sleep=lambda s: None, decisions=Decisions(rule, **kw))
+    assert run(runner, resume=False) == 0
+    return [r for r in ledger_records(d, "result")]
+
+
+def test_aa_lucky_run_is_kept_by_greedy_but_rerun_and_discarded_by_the_noise_rule(tmp_path, monkeypatch):
+    """The same training file again (a comment added), whose run happens to come out better
+    than the best by less than the noise: greedy keeps it, the noise rule re-runs it and
+    discards it. The noise is scripted run by run (NOISY_VALUES)."""
+    # baseline runs (mean +0.006, std 0.0251), the A/A candidate's lucky run (-0.03),
+    # its two re-runs (+0.01, -0.005): mean -0.0083, a gain of 0.014 < 0.039 needed.
+    monkeypatch.setenv("NOISY_VALUES", "0.02,-0.03,0.01,0.03,0.0,-0.03,0.01,-0.005")
+    d = noisy_repo(tmp_path, monkeypatch, "noise")
+    base, aa = loop(d, [("no-op", add_comment(0))], "noise", noise_runs=5)
+    c = 1.0 + 0.5 * math.log(0.04 / 0.09) ** 2
+    assert base["runs"] == pytest.approx([c + v for v in (0.02, -0.03, 0.01, 0.03, 0.0)], abs=2e-6)
+    assert aa["status"] == "discard" and aa["reruns"] == 2 and len(aa["runs"]) == 3
+    assert aa["val_bpb"] == pytest.approx(sum(aa["runs"]) / 3)
+    assert "mean of 3 runs" in aa["decision"]
+    assert [r["seed"] for r in ledger_records(d, "rerun")] == [43, 44]
+
+    monkeypatch.setenv("NOISY_VALUES", "0.02,-0.03")
+    g = noisy_repo(tmp_path, monkeypatch, "greedy")
+    base, aa = loop(g, [("no-op", add_comment(0))], "greedy")
+    assert aa["status"] == "keep" and "runs" not in aa
+
+
+AA_EDITS = 8
+
+
+def test_aa_stream_noise_rule_keeps_far_fewer_than_greedy(tmp_path, monkeypatch):
+    """Eight no-op edits on a random (fixed) stream of N(0, 0.03) noise."""
+    edits = [(f"no-op {k}", add_comment(k)) for k in range(AA_EDITS)]
+    d = noisy_repo(tmp_path, monkeypatch, "noise")
+    results = loop(d, list(edits), "noise", noise_runs=5)
+    noise = ledger_records(d, "noise")
+    assert len(noise) == 1 and noise[0]["n"] == 5 and noise[0]["source"] == "baseline"
+    base, rest = results[0], results[1:]
+    assert base["status"] == "keep" and len(base["runs"]) == 5
+    assert base["val_bpb"] == pytest.approx(sum(base["runs"]) / 5)
+    assert sum(r.get("reruns", 0) for r in rest) == len(ledger_records(d, "rerun")) > 0
+    assert all(r["decide"] == "noise" for r in rest)
+    noise_keeps = sum(r["status"] == "keep" for r in rest)
+
+    g = noisy_repo(tmp_path, monkeypatch, "greedy")
+    greedy = loop(g, list(edits), "greedy")
+    greedy_keeps = sum(r["status"] == "keep" for r in greedy[1:])
+    assert not ledger_records(g, "rerun") and not ledger_records(g, "noise")
+    assert noise_keeps <= 1 and greedy_keeps >= noise_keeps + 2, (noise_keeps, greedy_keeps)
+
+
+def test_planted_real_improvements_are_kept(tmp_path, monkeypatch):
+    """Scripted noise (sigma ~0.028 from 4 baseline runs): a 5-sigma gain is kept at once; a
+    3.6-sigma gain whose first run came out unlucky is kept after re-runs; no-op edits around
+    them are discarded after re-runs."""
+    monkeypatch.setenv("NOISY_VALUES", ",".join(map(str, [
+        0.02, -0.03, 0.01, 0.03,       # baseline: 4 runs
+        0.0, 0.01, 0.005,              # no-op: inside the band, re-runs do not confirm
+        0.01,                          # real gain 0.15: kept at once
+        -0.01, 0.02, 0.0,              # no-op after the gain: re-run, discarded
+        0.03, -0.01, 0.0])))           # real gain 0.10, unlucky first run: kept on the mean
+    d = noisy_repo(tmp_path, monkeypatch)
+    results = loop(d, [("no-op", add_comment(0)),
+                       ("real gain 0.15", set_const("OFFSET", -0.15)),
+                       ("no-op after the gain", add_comment(1)),
+                       ("real gain 0.10", set_const("OFFSET", -0.25))], "noise", noise_runs=4)
+    by = {r["description"]: r for r in results}
+    assert [r["status"] for r in results] == ["keep", "discard", "keep", "discard", "keep"]
+    assert by["real gain 0.15"].get("reruns", 0) == 0
+    assert by["no-op"]["reruns"] == 2 and by["no-op after the gain"]["reruns"] == 2
+    late = by["real gain 0.10"]
+    assert late["reruns"] == 2 and late["val_bpb"] == pytest.approx(sum(late["runs"]) / 3)
+    assert late["val_bpb"] < by["real gain 0.15"]["val_bpb"]
+    s = run_cli(d, "report", env=cli_env())
+    assert s.returncode == 0, s.stderr
+    assert "keep rule noise: 2 keeps of 4 scored experiments, 6 re-runs" in s.stdout
+
+
+def test_identical_training_file_is_never_run_twice(tmp_path, monkeypatch):
+    d = noisy_repo(tmp_path, monkeypatch)
+    results = loop(d, [("lr way up", set_const("MATRIX_LR", 0.5)),
+                       ("lr way up again", set_const("MATRIX_LR", 0.5))], "greedy")
+    assert [r["status"] for r in results] == ["keep", "discard", "discard"]
+    first, again = results[1], results[2]
+    assert again["duplicate_of"] == first["exp"] and again["commit"] is None
+    assert again["val_bpb"] == first["val_bpb"] and "not re-run" in again["description"]
+    # one trainer process per run: baseline + the first edit, none for the duplicate
+    assert len(ledger_records(d, "spawn")) == 2
+    # reset to the best: the working file is the baseline's again
+    assert duplicate_of(d, "train_mlx.py", ledger_records(d, "result"))["exp"] == 0
+
+
+def test_noise_command_records_the_floor_and_run_uses_it(tmp_path):
+    d = tmp_path / "p"
+    make_repo(d)
+    shutil.copy(NOISY, d / "train_mlx.py")
+    import git
+    repo = git.Repo(d)
+    repo.git.add("train_mlx.py")
+    repo.git.commit("-q", "-m", "noisy trainer")
+    env = cli_env(NOISY_STATE=str(tmp_path / "state"), NOISY_SIGMA="0.03", AUTORESEARCH_SEED="7")
+    r = run_cli(d, "noise", "--runs", "4", "--backend", "mlx", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rec = ledger_records(d, "noise")[-1]
+    assert rec["seeds"] == [7, 8, 9, 10] and rec["n"] == 4 and rec["std"] > 0
+    assert rec["mean"] == pytest.approx(sum(rec["values"]) / 4)
+    assert "std" in r.stdout and f"{rec['std']:.6f}" in r.stdout
+    assert repo.git.status("--porcelain", "--untracked-files=no") == ""
+    # a run with the noise rule picks the recorded floor: no extra baseline runs
+    r = run_cli(d, "run", "--agent", "hparam", "--backend", "mlx", "--tag", "x", "--max-experiments", "1", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(ledger_records(d, "noise")) == 1
+    assert f"sigma {rec['std']:.6f}" in r.stdout
+    results = ledger_records(d, "result")
+    assert len(results) == 2 and "runs" not in results[0]
+    s = run_cli(d, "report", env=env)
+    assert s.returncode == 0 and "re-runs" in s.stdout
