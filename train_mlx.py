@@ -298,6 +298,10 @@ class GPT(nn.Module):
         # underscore: not a parameter
         self._cos, self._sin = self._precompute_rotary_embeddings(config.sequence_len * 10, head_dim)
         self._compiled_forward = None
+        # On a CPU, MLX runs each elementwise op on one thread, and the loss over the (tokens, vocab)
+        # logits is most of a step: its row chunks go to separate CPU streams, which run in parallel.
+        on_cpu = mx.default_device() == mx.cpu
+        self._loss_streams = [mx.new_stream(mx.cpu) for _ in range(min(os.cpu_count() or 1, 8))] if on_cpu else []
 
     def init_weights(self):
         """Upstream's initialisation."""
@@ -349,8 +353,17 @@ class GPT(nn.Module):
             logits = logits.astype(mx.float32)
             return softcap * mx.tanh(logits / softcap)
         # mean cross-entropy over targets >= 0 (-1 = ignore, as upstream)
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
         valid = (targets >= 0).astype(mx.float32)
-        total = softcapped_cross_entropy_sum(logits, mx.where(targets >= 0, targets, 0), valid, softcap)[0]
+        targets = mx.where(targets >= 0, targets, 0)
+        if len(self._loss_streams) <= 1:
+            total = softcapped_cross_entropy_sum(logits, targets, valid, softcap)[0]
+        else:
+            bounds = [len(targets) * i // len(self._loss_streams) for i in range(len(self._loss_streams) + 1)]
+            total = 0.0
+            for stream, lo, hi in zip(self._loss_streams, bounds[:-1], bounds[1:]):
+                with mx.stream(stream):
+                    total = total + softcapped_cross_entropy_sum(logits[lo:hi], targets[lo:hi], valid[lo:hi], softcap)[0]
         return total / mx.maximum(valid.sum(), 1)
 
     def __call__(self, idx, targets=None):
@@ -478,12 +491,16 @@ class MuonAdamW:
         for name in self.adamw_names:
             hp = st[f"adam.hp.{name}"]
             lr, beta1, beta2 = hp[0], hp[1], hp[2]
+            # The per-step scalars are computed once, apart from the per-element update: inside
+            # mx.compile, a scalar pow that feeds an elementwise chain would be fused into it and
+            # recomputed for every element. A reshape is not elementwise, so it bounds the fusion.
+            step_size = (lr * lr_mult / (1 - beta1 ** step)).reshape(1)
+            bias2 = (1 - beta2 ** step).reshape(1)
             p, g, m, v = params[name], grads[name], st[f"adam.m.{name}"], st[f"adam.v.{name}"]
             m = m + (1 - beta1) * (g - m)
             v = v + (1 - beta2) * (g * g - v)
             st[f"adam.m.{name}"], st[f"adam.v.{name}"] = m, v
-            denom = mx.sqrt(v / (1 - beta2 ** step)) + st["eps"]
-            new[name] = p - (lr * lr_mult / (1 - beta1 ** step)) * (m / denom)
+            new[name] = p - step_size * (m / (mx.sqrt(v / bias2) + st["eps"]))
         for (rows, cols), names in self.muon_groups.items():
             key = f"{rows}x{cols}"
             g = mx.stack([grads[n] for n in names])
@@ -763,7 +780,7 @@ def main():
     peak = peak_flops(device, dtype_name)
     if peak is None:
         peak = measured_matmul_peak(compute_dtype)
-        print(f"Peak FLOP/s for MFU: measured {compute_dtype} matmul on {device}: {peak / 1e9:.1f} GFLOP/s")
+        print(f"Peak FLOP/s for MFU: measured {dtype_name} matmul on {device}: {peak / 1e9:.1f} GFLOP/s")
     else:
         print(f"Peak FLOP/s for MFU: {device} {dtype_name} table value {peak / 1e12:.1f} TFLOP/s")
     print(f"Attention: {'metal_kernels' if METAL_ATTENTION is not None else 'mx.fast.scaled_dot_product_attention'}")
