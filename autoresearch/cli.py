@@ -188,6 +188,7 @@ def cmd_noise(args) -> int:
         tag = resolve_tag(repo, root, args.tag)
     except SetupError:
         tag = default_tag()
+    gitops.exclude_run_outputs(repo)
     gitops.exclude_run_outputs(repo, ("run.seed*.log",))
     return measure_noise(args, trainer, harness, Ledger(root, tag), root)
 
