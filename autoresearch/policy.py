@@ -38,6 +38,7 @@ class Decisions:
         self.report_path: Path | None = None
         self.reports_required = False
         self.runner = None
+        self.floor: dict | None = None     # the noise record the rule uses
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self, runner) -> None:
@@ -60,6 +61,7 @@ class Decisions:
             return
         r = self.runner
         floor = noise_floor(r.ledger.all_records(), r.harness, r.config.backend)
+        self.floor = floor
         if floor is not None:
             self.decider = NoiseAware(floor["std"], self.confidence, self.reruns, floor["n"] - 1)
 
@@ -135,7 +137,15 @@ class Decisions:
         value = outcome.summary["val_bpb"]
         extra = {"blob": blob_id(r.repo_root, r.training_file), "decide": self.rule,
                  **hidden_of(read_reports(self.report_path), value), **self._direction_field()}
-        if self.rule == "noise" and not isinstance(self.decider, NoiseAware) and self.noise_runs > 1:
+        floor = self.floor
+        if floor is not None and floor.get("blob") == extra["blob"] and floor.get("values"):
+            # the noise floor was measured on this very file: its runs are baseline runs too
+            values = list(floor["values"]) + [value]
+            extra.update(val_bpb=sum(values) / len(values), runs=values,
+                         seeds=list(floor.get("seeds", [])) + [base_seed()])
+            r.out(f"[{exp}] baseline file = the noise floor's file: best = mean of {len(values)} runs "
+                  f"({extra['val_bpb']:.6f})")
+        elif self.rule == "noise" and not isinstance(self.decider, NoiseAware) and self.noise_runs > 1:
             seed = base_seed()
             r.out(f"[{exp}] measuring the noise floor: {self.noise_runs - 1} more baseline runs "
                   f"(seeds {seed + 1}..{seed + self.noise_runs - 1})")

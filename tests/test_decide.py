@@ -252,6 +252,8 @@ def test_noise_command_records_the_floor_and_run_uses_it(tmp_path):
     assert len(ledger_records(d, "noise")) == 1
     assert f"sigma {rec['std']:.6f}" in r.stdout
     results = ledger_records(d, "result")
-    assert len(results) == 2 and "runs" not in results[0]
+    # the floor was measured on the baseline's file: its 4 runs count for the baseline
+    assert len(results) == 2 and results[0]["runs"][:4] == rec["values"] and len(results[0]["runs"]) == 5
+    assert results[0]["val_bpb"] == pytest.approx(sum(results[0]["runs"]) / 5)
     s = run_cli(d, "report", env=env)
     assert s.returncode == 0 and "re-runs" in s.stdout
