@@ -208,3 +208,17 @@ def test_detects_bundled_reference_blas():
         # this OpenBLAS knows this CPU unless it reports a generic core: then we name one
         override = train_mlx.openblas_coretype_override(tuned)
         assert override in (None, "SkylakeX", "Haswell")
+
+
+def test_bf16_layout_trains():
+    # What a GPU run uses (bf16 activations, matmuls and Muon; float32 parameters), emulated on this CPU.
+    # Eager: compiled CPU kernels would only cost JIT time here and say nothing about a GPU.
+    model = tiny_model(seed=8)
+    model.dtype = mx.bfloat16
+    optimizer = train_mlx.MuonAdamW(model, 0.004, 0.6, 0.04, 0.5, 0.2, (0.8, 0.95), muon_dtype=mx.bfloat16)
+    step = train_mlx.make_train_step(model, optimizer, grad_accum_steps=1, compile=False)
+    batch = [random_batch(9)]
+    losses = [step(batch, schedule()).item() for _ in range(15)]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < 0.7 * losses[0], losses
+    assert all(p.dtype == mx.float32 for p in model.flat_parameters().values())
+    assert model(batch[0][0]).dtype == mx.float32  # logits for the harness
