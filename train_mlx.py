@@ -118,13 +118,13 @@ import gc
 import math
 import time
 from dataclasses import dataclass, asdict
-from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
-from prepare import PROFILE, SEED, Tokenizer, ensure_prepared, make_dataloader, evaluate_bpb, summary_fields, peak_flops
+from prepare import (PROFILE, SEED, Tokenizer, ensure_prepared, evaluate_bpb, make_dataloader, peak_flops,
+                     summary_fields)
 
 try:  # custom Metal attention kernels (forward + backward); absent or unused off Metal
     import metal_kernels
@@ -187,7 +187,7 @@ def softcapped_cross_entropy_sum(logits, targets, weights, softcap):
 
     Autodiff through tanh + logsumexp costs about six transcendental passes over the (tokens, vocab)
     logits (tanh, exp, then exp and cosh again in the backward); on a CPU, where MLX evaluates those
-    one element at a time, they dominated the step. Here the forward computes tanh and exp once and
+    on one thread with scalar code, they dominated the step. Here the forward computes tanh and exp once and
     also the gradient, which the VJP only scales. The capped logits lie in [-softcap, softcap], so
     exp(c - softcap) needs no max pass and cannot overflow.
     """
@@ -207,6 +207,17 @@ def _softcapped_cross_entropy_sum_vjp(primals, cotangents, outputs):
     logits, targets, weights, softcap = primals
     grad = outputs[1]
     return cotangents[0] * grad, mx.zeros_like(targets), mx.zeros_like(weights), None
+
+
+_CPU_LOSS_STREAMS = []
+
+
+def cpu_loss_streams():
+    """On a CPU, MLX runs each elementwise op on one thread, and the loss over the (tokens, vocab)
+    logits is most of a step: its row chunks go to separate CPU streams, which run in parallel."""
+    if not _CPU_LOSS_STREAMS:
+        _CPU_LOSS_STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(min(os.cpu_count() or 1, 8)))
+    return _CPU_LOSS_STREAMS
 
 
 class Linear(nn.Module):
@@ -298,10 +309,7 @@ class GPT(nn.Module):
         # underscore: not a parameter
         self._cos, self._sin = self._precompute_rotary_embeddings(config.sequence_len * 10, head_dim)
         self._compiled_forward = None
-        # On a CPU, MLX runs each elementwise op on one thread, and the loss over the (tokens, vocab)
-        # logits is most of a step: its row chunks go to separate CPU streams, which run in parallel.
-        on_cpu = mx.default_device() == mx.cpu
-        self._loss_streams = [mx.new_stream(mx.cpu) for _ in range(min(os.cpu_count() or 1, 8))] if on_cpu else []
+        self._loss_streams = cpu_loss_streams() if mx.default_device() == mx.cpu else []
 
     def init_weights(self):
         """Upstream's initialisation."""
@@ -706,7 +714,7 @@ def train(model, train_step, next_batches, time_budget, tokens_per_step, flops_p
         lrm = get_lr_multiplier(progress)
         schedule = mx.array([lrm, get_muon_momentum(step), get_weight_decay(progress)], dtype=mx.float32)
         loss = train_step(batches, schedule)
-        batches, epoch = next_batches()  # host-side loading overlaps nothing here; it is cheap numpy
+        batches, epoch = next_batches()  # numpy packing: small next to a step
         train_loss = loss.item()
         check_loss(train_loss, step)
         dt = time.time() - t0
