@@ -28,6 +28,9 @@ examples:
   uv run autoresearch run --agent hparam --max-experiments 20
   uv run autoresearch run --agent anthropic --tag nov26 --max-spend 5
   uv run autoresearch run --resume            # after a crash, Ctrl-C or kill -9
+  uv run autoresearch noise --runs 5          # measure the noise floor (else the baseline does)
+  uv run autoresearch -C ../target run --agent hparam --scope solver.py --guard "python test_solver.py"
+      --metric-cmd "python bench.py" --metric-regex "time_ms: ([0-9.]+)" --direction min
 """
 
 
