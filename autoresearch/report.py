@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import gitops
 from .ledger import Ledger
-from .policy import report_lines
+from .policy import direction_key, report_lines
 from .trainer import group_alive
 
 
@@ -27,9 +27,10 @@ def summary_table(results: list[dict]) -> str:
     lines.append("")
     lines.append(f"{len(rows)} experiments: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
     if kept:
-        base, best = kept[0], min(kept, key=lambda r: r["val_bpb"])
-        gain = (base["val_bpb"] - best["val_bpb"]) / base["val_bpb"] * 100 if base["val_bpb"] else 0.0
-        lines.append(f"baseline {base['val_bpb']:.6f} -> best {best['val_bpb']:.6f} ({gain:.2f}% lower) "
+        base, best = kept[0], min(kept, key=direction_key)
+        gain = abs(base["val_bpb"] - best["val_bpb"]) / base["val_bpb"] * 100 if base["val_bpb"] else 0.0
+        way = "higher" if best.get("direction") == "max" else "lower"
+        lines.append(f"baseline {base['val_bpb']:.6f} -> best {best['val_bpb']:.6f} ({gain:.2f}% {way}) "
                      f"at {best['commit_short']}: {best['description']}")
         profiles = sorted({(r.get("profile"), r.get("dataset"), r.get("eval_tokens")) for r in kept}, key=str)
         if len(profiles) > 1:
@@ -108,11 +109,13 @@ def draw_progress(results: list[dict], path: Path, title: str = "autoresearch") 
     if kept:
         ax.scatter([x for x, _ in kept], [r["val_bpb"] for _, r in kept], s=46, color="#2ca02c",
                    edgecolor="black", linewidth=0.5, label="kept", zorder=3)
-        best, steps_x, steps_y = float("inf"), [], []
+        maximize = any(r.get("direction") == "max" for _, r in kept)   # general mode, --direction max
+        pick = max if maximize else min
+        best, steps_x, steps_y = None, [], []
         for x, r in scored:
             if r["status"] == "keep":
-                best = min(best, r["val_bpb"])
-            if best < float("inf"):
+                best = r["val_bpb"] if best is None else pick(best, r["val_bpb"])
+            if best is not None:
                 steps_x.append(x)
                 steps_y.append(best)
         ax.step(steps_x, steps_y, where="post", color="#2ca02c", alpha=0.6, linewidth=1.5,
@@ -125,7 +128,9 @@ def draw_progress(results: list[dict], path: Path, title: str = "autoresearch") 
         lo = min(r["val_bpb"] for _, r in scored)
         ax.scatter(bad, [lo] * len(bad), marker="x", color="#d62728", s=24, label="crash / invalid", zorder=2)
     ax.set_xlabel("experiment")
-    ax.set_ylabel("val_bpb (lower is better)")
+    maximize = any(r.get("direction") == "max" for r in rows)
+    mode = (rows[0].get("backend") == "metric") if rows else False
+    ax.set_ylabel(("metric" if mode else "val_bpb") + (" (higher is better)" if maximize else " (lower is better)"))
     ax.set_title(f"{title}: {len(rows)} experiments, {max(len(kept) - 1, 0)} kept improvements")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")

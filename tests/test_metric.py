@@ -216,3 +216,7 @@ def test_rubric_mode_loop_keeps_what_the_judge_scores_higher(judge_stub, tmp_pat
     assert results[-1]["summary"]["rubric"] == [True, True, False]
     assert repo.head.commit.hexsha == results[-1]["commit"]
     assert len(judge_stub.messages()) == 4
+    from autoresearch.report import draw_progress, summary_table
+    assert "baseline 0.000000 -> best 2.000000" in summary_table(results)   # higher is better here
+    draw_progress(results, tmp_path / "progress.png")
+    assert (tmp_path / "progress.png").stat().st_size > 0
