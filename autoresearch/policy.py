@@ -14,9 +14,12 @@ Re-runs go through the same trainer with AUTORESEARCH_SEED = seed + i, each logg
 from __future__ import annotations
 
 import math
+import os
+import time
 from pathlib import Path
 
 from . import gitops
+from .agents import AgentFailed
 from .decide import (DEFAULT_CONFIDENCE, DEFAULT_NOISE_RUNS, DEFAULT_RERUNS, Greedy, NoiseAware, best_of,
                      blob_id, duplicate_of, noise_floor)
 from .integrity import REPORT_ENV, check_summary, harness_verdict, hidden_of, read_reports
@@ -101,7 +104,9 @@ class Decisions:
 
     def duplicate(self, exp: int, description: str, best_commit: str, **fields) -> bool:
         """If the edited file is identical to one already run, log that result again (not
-        re-run), reset, and return True."""
+        re-run), reset, and raise AgentFailed: the runner counts it as a proposal without a
+        usable edit, so an agent stuck on files it already tried stops the run
+        (max_agent_failures in a row) instead of spinning. Else return False."""
         r = self.runner
         dup = duplicate_of(r.repo_root, r.training_file, r.ledger.results())
         if dup is None:
@@ -112,7 +117,7 @@ class Decisions:
                                            "not re-run]", val_bpb=dup.get("val_bpb"), duplicate_of=dup["exp"],
                         **fields)
         r._reset(best_commit)
-        return True
+        raise AgentFailed(f"the edit reproduced experiment {dup['exp']}'s training file exactly")
 
     # -- decisions -------------------------------------------------------------------------
     def _failed(self, outcome) -> tuple[str, dict]:
@@ -186,11 +191,17 @@ class Decisions:
             return custom(value, best.value), extra
         seed = base_seed()
 
+        def on_spawn(pid: int) -> None:
+            r.ledger.append("spawn", exp=exp, pgid=pid)   # --resume kills an orphaned re-run too
+            if os.environ.get("AUTORESEARCH_CRASH_AT", "").partition("@")[0] == "during_rerun":
+                from .runner import crash_point
+                time.sleep(0.3)
+                crash_point("during_rerun", exp)
+
         def rerun(i: int) -> float | None:
             self.before_run()
             o = with_seed(r.trainer, seed + i).run(r.repo_root, r.repo_root / f"run.seed{seed + i}.log",
-                                                   r._timeout(),
-                                                   on_spawn=lambda pid: r.ledger.append("spawn", exp=exp, pgid=pid))
+                                                   r._timeout(), on_spawn=on_spawn)
             problem = (self.check(o) if o.ok else ("timed out" if o.timed_out else f"crashed (exit {o.returncode})"))
             v = o.summary["val_bpb"] if o.ok and not problem else None
             r.ledger.append("rerun", exp=exp, seed=seed + i, val_bpb=v, problem=problem, seconds=round(o.seconds, 2))

@@ -226,6 +226,18 @@ def test_identical_training_file_is_never_run_twice(tmp_path, monkeypatch):
     assert again["val_bpb"] == first["val_bpb"] and "not re-run" in again["description"]
     # one trainer process per run: baseline + the first edit, none for the duplicate
     assert len(ledger_records(d, "spawn")) == 2
+
+
+def test_an_agent_stuck_on_files_it_already_tried_stops_the_run(tmp_path, monkeypatch):
+    d = noisy_repo(tmp_path, monkeypatch)
+    config = RunConfig(tag="t", backend="mlx", max_agent_failures=3)
+    agent = ScriptedAgent([("lr up", set_const("MATRIX_LR", 0.5))] * 10)
+    runner = Runner(d, config, agent, Trainer.for_backend("mlx"), out=lambda s: None, sleep=lambda s: None,
+                    decisions=Decisions("greedy"))
+    assert run(runner, resume=False) == 3          # stopped: 3 proposals in a row without a usable edit
+    results = ledger_records(d, "result")
+    assert [r.get("duplicate_of") for r in results] == [None, None, 1, 1, 1]
+    assert len(ledger_records(d, "spawn")) == 2
     # reset to the best: the working file is the baseline's again
     assert duplicate_of(d, "train_mlx.py", ledger_records(d, "result"))["exp"] == 0
 
@@ -257,3 +269,39 @@ def test_noise_command_records_the_floor_and_run_uses_it(tmp_path):
     assert results[0]["val_bpb"] == pytest.approx(sum(results[0]["runs"]) / 5)
     s = run_cli(d, "report", env=env)
     assert s.returncode == 0 and "re-runs" in s.stdout
+
+
+def test_kill_during_a_rerun_resumes_with_nothing_lost(tmp_path):
+    """kill -9 of the runner while a re-run trains: --resume kills the orphaned trainer, logs
+    the experiment once (a crash, interrupted) and goes on from the best commit."""
+    from autoresearch.trainer import group_alive
+    d = tmp_path / "p"
+    make_repo(d)
+    shutil.copy(NOISY, d / "train_mlx.py")
+    repo = git_repo(d)
+    # baseline runs 0, 1; the candidate's first run 2 is inside the noise band; re-run 3 hangs
+    env = cli_env(NOISY_STATE=str(tmp_path / "state"), NOISY_VALUES="0.0,0.06,0.25", NOISY_SLOW_RUNS="3",
+                  AUTORESEARCH_CRASH_AT="during_rerun@1")
+    r = run_cli(d, "run", "--agent", "hparam", "--backend", "mlx", "--tag", "k", "--max-experiments", "2",
+                "--noise-runs", "2", env=env)
+    assert r.returncode == -9, r.stdout + r.stderr
+    orphan = ledger_records(d, "spawn")[-1]["pgid"]
+    assert group_alive(orphan)
+    env.pop("AUTORESEARCH_CRASH_AT")
+    r = run_cli(d, "run", "--resume", "--max-experiments", "2", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not group_alive(orphan) and "Killed the orphaned trainer" in r.stdout
+    results = ledger_records(d, "result")
+    assert [x["exp"] for x in results] == [0, 1, 2]
+    assert results[1]["status"] == "crash" and "(interrupted)" in results[1]["description"]
+    assert len(tsv_rows(d)) == 3
+    best = min((x for x in results if x["status"] == "keep"), key=lambda x: x["val_bpb"])
+    assert repo.head.commit.hexsha == best["commit"]
+
+
+def git_repo(d):
+    import git
+    repo = git.Repo(d)
+    repo.git.add("train_mlx.py")
+    repo.git.commit("-q", "-m", "noisy trainer")
+    return repo

@@ -31,6 +31,9 @@ if __name__ == "__main__":
     prepare.ensure_prepared()
     seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))
     k = next_run_index()
+    if k in [int(i) for i in os.environ.get("NOISY_SLOW_RUNS", "").split(",") if i]:
+        import time
+        time.sleep(60)       # a run still training when the runner is killed
     scripted = [float(v) for v in os.environ.get("NOISY_VALUES", "").split(",") if v]
     noise = scripted[k] if k < len(scripted) else random.Random(f"{seed}:{k}").gauss(0.0, NOISE_SIGMA)
     val = 1.0 + 0.5 * math.log(MATRIX_LR / 0.09) ** 2 + OFFSET + noise
