@@ -41,6 +41,20 @@ def compile_regex(pattern: str) -> re.Pattern:
     return rx
 
 
+def metric_name(pattern: str | None) -> str:
+    """The metric's name as the agents and the log lines call it: the last word of the regex
+    before its group ('time_ms: ([0-9.]+)' -> 'time_ms'), else 'score'."""
+    if not pattern:
+        return "score"
+    m = re.search(r"\((?!\?)", pattern)
+    if not m:
+        return "score"
+    prefix = re.sub(r"\\.", " ", pattern[:m.start()])      # escapes (\s, \d, \.) are not words
+    prefix = re.sub(r"\[[^\]]*\]|\{[^}]*\}", " ", prefix)   # nor are classes and counts
+    words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", prefix)
+    return words[-1] if words else "score"
+
+
 def parse_metric(log: str, rx: re.Pattern) -> dict | None:
     """{'val_bpb': value, 'metric': value} from the last match, or None."""
     matches = list(rx.finditer(log))
@@ -63,7 +77,7 @@ class MetricTrainer(Trainer):
     guard: str | None = None
     judge: object = None            # RubricJudge, when --rubric is given
     budget_s: float = DEFAULT_METRIC_BUDGET
-    metric_name: str = "metric"
+    metric_name: str = "score"
     rubric_file: str | None = None
 
     @classmethod
@@ -90,7 +104,7 @@ class MetricTrainer(Trainer):
         return cls(backend="metric", training_file=scope[0], command=command, parse=parse,
                    metric_cmd=metric_cmd or "", metric_regex=metric_regex or "", direction=direction,
                    scope=tuple(scope), guard=guard, judge=judge, budget_s=budget_s,
-                   metric_name="rubric score" if judge else "metric", rubric_file=rubric)
+                   metric_name="rubric score" if judge else metric_name(metric_regex), rubric_file=rubric)
 
     def harness(self, repo_root: Path) -> dict:
         """What the ledger records about the target (instead of prepare.py's profile)."""

@@ -93,8 +93,9 @@ def cmd_noise(args, trainer, harness: dict, ledger, repo_root: Path, out=print) 
     if runs < 2:
         raise SetupError(f"--runs {runs}: a spread needs at least 2 runs.")
     timeout = timeout_for(float(harness.get("time_budget", 300)))
-    out(f"Running {trainer.training_file} {runs} times (seeds {base_seed()}..{base_seed() + runs - 1}, "
-        f"profile {harness.get('profile')}, dataset {harness.get('dataset')}).")
+    target = (f"metric {getattr(trainer, 'metric_name', 'score')}" if harness.get("mode") == "metric"
+              else f"profile {harness.get('profile')}, dataset {harness.get('dataset')}")
+    out(f"Running {trainer.training_file} {runs} times (seeds {base_seed()}..{base_seed() + runs - 1}, {target}).")
 
     def on_run(i, seed, outcome, problem):
         shown = f"{outcome.summary['val_bpb']:.6f}" if outcome.ok else "-"

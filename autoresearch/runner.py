@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import gitops
-from .agents import (Agent, AgentFailed, AgentUnavailable, BudgetExhausted, Context, Proposal,
+from .agents import (Agent, AgentFailed, AgentUnavailable, BudgetExhausted, Context, Objective, Proposal,
                      make_digest)
 from .ledger import Ledger
 from .policy import Decisions
@@ -95,6 +95,13 @@ class Runner:
         self.protected: dict[str, str] = {}
         self.protected_untracked: set[str] = set()
         self.base_commit: str | None = None
+        # what the agents are told to improve: val_bpb (lower) unless the trainer names its metric
+        self.objective = Objective(getattr(self.trainer, "metric_name", "val_bpb"),
+                                   getattr(self.trainer, "direction", "min"))
+
+    @property
+    def general_mode(self) -> bool:
+        return self.harness.get("mode") == "metric"
 
     # -- set-up --------------------------------------------------------------------------
     def start(self) -> None:
@@ -118,9 +125,12 @@ class Runner:
         self._record_protected()
         self._session(resumed=False)
         self.ledger.rebuild_tsv()
-        self.out(f"Started {self.branch} at {gitops.short(self.base_commit)} "
-                 f"(backend {self.config.backend}, agent {self.agent.name}, profile {self.harness.get('profile')}, "
-                 f"dataset {self.harness.get('dataset')}).")
+        if self.general_mode:
+            target = f"metric {self.objective.name}, {self.objective.better} is better"
+        else:
+            target = (f"backend {self.config.backend}, profile {self.harness.get('profile')}, "
+                      f"dataset {self.harness.get('dataset')}")
+        self.out(f"Started {self.branch} at {gitops.short(self.base_commit)} (agent {self.agent.name}, {target}).")
 
     def resume(self) -> None:
         """Continue after a crash or kill -9 at any point."""
@@ -374,8 +384,8 @@ class Runner:
         program = self.repo_root / "program.md"
         return Context(repo_root=self.repo_root, training_file=self.training_file,
                        program=program.read_text() if program.exists() else "",
-                       digest=make_digest(history, self.training_file, crash_log), history=history,
-                       crash_log=crash_log, budget_left_usd=left)
+                       digest=make_digest(history, self.training_file, crash_log, objective=self.objective),
+                       history=history, crash_log=crash_log, budget_left_usd=left, objective=self.objective)
 
     def _propose(self, exp: int) -> Proposal:
         """Ask the agent for an edit; an outage pauses (doubling waits) instead of ending the run."""
@@ -453,7 +463,7 @@ class Runner:
                            timed_out=outcome.timed_out, summary=s, **extra)
         best = self._best_val()
         shown = f"{val:.6f}" if val is not None else "-"
-        self.out(f"[{exp}] val_bpb {shown}  {status}  (best {best:.6f})"
+        self.out(f"[{exp}] {self.objective.name} {shown}  {status}  (best {best:.6f})"
                  + ("  timeout" if outcome.timed_out else ""))
         crash_point("after_log", exp)
 
@@ -533,5 +543,5 @@ def run(runner: Runner, resume: bool) -> int:
         finally:
             best = runner.ledger.best()
             if best:
-                runner.out(f"Best: val_bpb {best['val_bpb']:.6f} at {best['commit_short']} ({best['description']}).")
+                runner.out(f"Best: {runner.objective.name} {best['val_bpb']:.6f} at {best['commit_short']} ({best['description']}).")
     return 0

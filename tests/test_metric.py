@@ -220,3 +220,67 @@ def test_rubric_mode_loop_keeps_what_the_judge_scores_higher(judge_stub, tmp_pat
     assert "baseline 0.000000 -> best 2.000000" in summary_table(results)   # higher is better here
     draw_progress(results, tmp_path / "progress.png")
     assert (tmp_path / "progress.png").stat().st_size > 0
+
+
+# -- the objective the agents are told ------------------------------------------------------------
+class RecordingAgent(ScriptedAgent):
+    """A scripted agent that keeps the context of every proposal."""
+    name = "recorder"
+
+    def __init__(self, edits):
+        super().__init__(edits)
+        self.contexts = []
+
+    def propose(self, ctx):
+        self.contexts.append(ctx)
+        return super().propose(ctx)
+
+
+def test_general_mode_tells_the_agents_the_metric_and_its_direction(tmp_path, monkeypatch):
+    """--direction max with a named metric: digest, prompts, system prompt and the runner's
+    lines speak of `throughput`, higher is better; nothing says val_bpb, profile or dataset."""
+    from autoresearch.agents import system_prompt
+    from autoresearch.agents.anthropic_api import AnthropicAgent, experiment_prompt
+    from autoresearch.agents.claude_code import ClaudeCodeAgent
+    d = tmp_path / "t"
+    init_repo(d, {"knob.py": "SPEED = 1.0\n",
+                  "bench.py": "import knob\nprint(f'throughput: {knob.SPEED * 10:.1f}')\n"})
+    trainer = MetricTrainer.build(f"{PY} bench.py", r"throughput: ([0-9.]+)", "max", ["knob.py"])
+    assert trainer.metric_name == "throughput"
+    agent = RecordingAgent([("faster", "SPEED = 2.0\n"), ("slower", "SPEED = 1.5\n"), ("fastest", "SPEED = 3.0\n")])
+    out = []
+    runner = Runner(d, RunConfig(tag="t", backend="metric", max_experiments=3), agent, trainer,
+                    out=out.append, sleep=lambda s: None, decisions=Decisions("greedy"))
+    assert run(runner, resume=False) == 0, "\n".join(out)
+    log = "\n".join(out)
+    assert "metric throughput, higher is better" in log
+    assert "profile" not in log and "dataset" not in log and "val_bpb" not in log
+    assert "[1] throughput 20.000000  keep" in log and "Best: throughput 30.000000" in log
+    ctx = agent.contexts[2]          # after a keep (20) and a discard (15)
+    assert "Higher throughput is better." in ctx.digest and "val_bpb" not in ctx.digest
+    assert "Best so far: throughput 20.000000" in ctx.digest        # the highest, not the lowest
+    prompt = experiment_prompt(ctx)
+    assert "expect to raise throughput" in prompt and "val_bpb" not in prompt
+    assert "Higher throughput is better." in system_prompt(ctx)     # no program.md in this target
+    cmd = ClaudeCodeAgent().command(ctx, prompt)
+    assert cmd[cmd.index("-p") + 1] == prompt
+    assert "Higher throughput is better." in cmd[cmd.index("--append-system-prompt") + 1]
+    # the Anthropic agent sends the same objective, in its system prompt and first turn
+    stub = StubAPI(training_file="knob.py")
+    try:
+        (d / "knob.py").write_text("MATRIX_LR = 0.04\n")
+        client = anthropic.Anthropic(base_url=stub.url, api_key="test-key", max_retries=0)
+        AnthropicAgent(client=client).propose(ctx)
+        first = stub.messages()[0]
+        assert "Higher throughput is better." in first["system"][0]["text"]
+        assert "raise throughput" in first["messages"][0]["content"] and "val_bpb" not in first["messages"][0]["content"]
+    finally:
+        stub.close()
+
+
+def test_metric_name_comes_from_the_regex():
+    from autoresearch.metric import metric_name
+    assert metric_name(r"time_ms: ([0-9.]+)") == "time_ms"
+    assert metric_name(r"^iterations\s*=\s*(\d+)") == "iterations"
+    assert metric_name(r"(\d+) ms") == "score" and metric_name(r"\d+\.\d+") == "score"
+    assert MetricTrainer.build("true", r"(?:x)? loss: ([0-9.]+)", "min", ["a.py"]).metric_name == "loss"

@@ -15,6 +15,31 @@ from pathlib import Path
 AGENTS = ("anthropic", "claude-code", "hparam")
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What the agents are told to improve: the metric's name and which way is better
+    (val_bpb, lower, for training runs; general mode names its own metric)."""
+    name: str = "val_bpb"
+    direction: str = "min"
+
+    @property
+    def better(self) -> str:
+        return "lower" if self.direction == "min" else "higher"
+
+    @property
+    def sentence(self) -> str:
+        return f"{self.better.capitalize()} {self.name} is better."
+
+    @property
+    def goal(self) -> str:
+        """The verb phrase of an experiment's aim, e.g. "lower val_bpb", "raise rubric score"."""
+        return f"{'lower' if self.direction == 'min' else 'raise'} {self.name}"
+
+    def best(self, results: list[dict]) -> dict:
+        pick = min if self.direction == "min" else max
+        return pick(results, key=lambda r: r["val_bpb"])
+
+
 @dataclass
 class Context:
     """What an agent sees for one experiment (a fresh conversation each time)."""
@@ -25,6 +50,7 @@ class Context:
     history: list[dict]              # this run's result records, oldest first
     crash_log: str | None = None     # set for a fix attempt: the tail of run.log
     budget_left_usd: float | None = None
+    objective: Objective = field(default_factory=Objective)
 
     @property
     def training_path(self) -> Path:
@@ -94,22 +120,33 @@ def make_agent(name: str, model: str | None = None, seed: int = 0, max_turns: in
     raise ValueError(f"unknown agent {name!r}: use one of {', '.join(AGENTS)}")
 
 
+def system_prompt(ctx: Context) -> str:
+    """The system prompt: program.md (the human's brief) when the project has one, else a
+    short brief that states the objective."""
+    if ctx.program.strip():
+        return ctx.program
+    return (f"You are a researcher improving {ctx.training_file}, one focused edit at a time. "
+            f"Objective: {ctx.objective.sentence}")
+
+
 def make_digest(history: list[dict], training_file: str, crash_log: str | None = None,
-                last_n: int = 20) -> str:
+                last_n: int = 20, objective: Objective | None = None) -> str:
     """The compact state of the run an agent gets instead of a long conversation."""
-    lines = [f"Training file: {training_file}. Lower val_bpb is better."]
+    obj = objective or Objective()
+    name = obj.name
+    lines = [f"Training file: {training_file}. {obj.sentence}"]
     if history:
         base = history[0]
-        lines.append(f"Baseline: val_bpb {base.get('val_bpb') or 0:.6f} (commit {base.get('commit_short')}).")
-        kept = [r for r in history if r["status"] == "keep"]
+        lines.append(f"Baseline: {name} {base.get('val_bpb') or 0:.6f} (commit {base.get('commit_short')}).")
+        kept = [r for r in history if r["status"] == "keep" and isinstance(r.get("val_bpb"), (int, float))]
         if kept:
-            best = min(kept, key=lambda r: r["val_bpb"])
-            lines.append(f"Best so far: val_bpb {best['val_bpb']:.6f} (commit {best['commit_short']}: "
+            best = obj.best(kept)
+            lines.append(f"Best so far: {name} {best['val_bpb']:.6f} (commit {best['commit_short']}: "
                          f"{best['description']}). The file you see is this best version.")
         if len(kept) > 1:
             lines.append("Kept changes, in order:")
             lines += [f"  - {r['description']} -> {r['val_bpb']:.6f}" for r in kept[1:]]
-        lines.append(f"Last {min(last_n, len(history))} results (commit, val_bpb, memory_gb, status, description):")
+        lines.append(f"Last {min(last_n, len(history))} results (commit, {name}, memory_gb, status, description):")
         for r in history[-last_n:]:
             val = r.get("val_bpb") or 0.0
             mem = r.get("memory_gb") or 0.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import Agent, AgentFailed, AgentUnavailable, BudgetExhausted, Context, Proposal
+from . import Agent, AgentFailed, AgentUnavailable, BudgetExhausted, Context, Proposal, system_prompt
 from ..trainer import SetupError
 
 DEFAULT_MODEL = "claude-sonnet-4-6"
@@ -123,9 +123,9 @@ PROMPT = """You are running one experiment of an autonomous research loop.
 
 {digest}
 
-Make ONE focused change to {training_file} that you expect to lower val_bpb, using the
+Make ONE focused change to {training_file} that you expect to {goal}, using the
 str_replace_based_edit_tool (view the file first). Only {training_file} may be viewed or
-edited. Do not run anything: the harness trains and evaluates after you finish.
+edited. Do not run anything: the harness runs and scores it after you finish.
 When done, reply with a final line of the form
 DESCRIPTION: <one short line describing the change>"""
 
@@ -137,6 +137,14 @@ no edit if it cannot be fixed.
 
 When done, reply with a final line of the form
 DESCRIPTION: <one short line describing the change, including the fix>"""
+
+
+def experiment_prompt(ctx: Context) -> str:
+    return PROMPT.format(digest=ctx.digest, training_file=ctx.training_file, goal=ctx.objective.goal)
+
+
+def fix_prompt(ctx: Context) -> str:
+    return FIX_PROMPT.format(digest=ctx.digest, training_file=ctx.training_file)
 
 
 def description_from(text: str) -> str:
@@ -184,12 +192,11 @@ class AnthropicAgent(Agent):
                                        "output_tokens": 2_000})
 
     def propose(self, ctx: Context) -> Proposal:
-        return self._converse(ctx, PROMPT.format(digest=ctx.digest, training_file=ctx.training_file))
+        return self._converse(ctx, experiment_prompt(ctx))
 
     def fix(self, ctx: Context) -> Proposal | None:
         before = ctx.training_path.read_text()
-        prop = self._converse(ctx, FIX_PROMPT.format(digest=ctx.digest, training_file=ctx.training_file),
-                              require_edit=False)
+        prop = self._converse(ctx, fix_prompt(ctx), require_edit=False)
         if ctx.training_path.read_text() == before:
             raise AgentFailed("the model made no fix", prop.cost_usd)
         return prop
@@ -197,7 +204,7 @@ class AnthropicAgent(Agent):
     def _converse(self, ctx: Context, prompt: str, require_edit: bool = True) -> Proposal:
         import anthropic
         editor = TrainingFileEditor(ctx.repo_root, ctx.training_file)
-        system = [{"type": "text", "text": ctx.program or "You are an ML researcher.",
+        system = [{"type": "text", "text": system_prompt(ctx),
                    "cache_control": {"type": "ephemeral"}}]
         messages = [{"role": "user", "content": prompt}]
         cost, usage_total = 0.0, {}

@@ -12,8 +12,8 @@ import os
 import shutil
 import subprocess
 
-from . import Agent, AgentFailed, AgentUnavailable, BudgetExhausted, Context, Proposal
-from .anthropic_api import FIX_PROMPT, PROMPT, description_from
+from . import Agent, AgentFailed, AgentUnavailable, BudgetExhausted, Context, Proposal, system_prompt
+from .anthropic_api import description_from, experiment_prompt, fix_prompt
 from ..trainer import SetupError
 
 CALL_TIMEOUT_S = 1800
@@ -44,7 +44,7 @@ class ClaudeCodeAgent(Agent):
                "--max-turns", str(self.max_turns),
                "--allowedTools", f"Read({f}),Edit({f})",
                "--disallowedTools", "Bash,Write,NotebookEdit,WebFetch,WebSearch,Task",
-               "--append-system-prompt", ctx.program]
+               "--append-system-prompt", system_prompt(ctx)]
         if self.model:
             cmd += ["--model", self.model]
         if ctx.budget_left_usd is not None:
@@ -82,14 +82,14 @@ class ClaudeCodeAgent(Agent):
 
     def propose(self, ctx: Context) -> Proposal:
         before = ctx.training_path.read_text()
-        out, cost = self._call(ctx, PROMPT.format(digest=ctx.digest, training_file=ctx.training_file))
+        out, cost = self._call(ctx, experiment_prompt(ctx))
         if ctx.training_path.read_text() == before:
             raise AgentFailed("claude -p finished without editing the training file", cost)
         return self._proposal(out, cost)
 
     def fix(self, ctx: Context) -> Proposal | None:
         before = ctx.training_path.read_text()
-        out, cost = self._call(ctx, FIX_PROMPT.format(digest=ctx.digest, training_file=ctx.training_file))
+        out, cost = self._call(ctx, fix_prompt(ctx))
         if ctx.training_path.read_text() == before:
             raise AgentFailed("claude -p made no fix", cost)
         return self._proposal(out, cost)
