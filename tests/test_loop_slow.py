@@ -37,14 +37,20 @@ def test_real_train_mlx_smoke_two_experiments_with_hparam(tmp_path, builtin_cach
     d = tmp_path / "p"
     repo = copy_project(d)
     env = cli_env(**builtin_cache)
+    # The CLI's default keep rule (noise) would run the baseline 5 times and re-run small
+    # gains (~190 s here). Two baseline runs still measure a real noise floor with the real
+    # trainer under two seeds, and no re-runs keeps each experiment to one training run:
+    # 4 runs in all (~90 s). Re-runs themselves are covered on the fast fixtures (test_decide.py).
     r = run_cli(d, "run", "--agent", "hparam", "--backend", "mlx", "--tag", "smoke", "--max-experiments", "2",
-                env=env, timeout=900)
+                "--noise-runs", "2", "--reruns", "0", env=env, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     rows = tsv_rows(d)
     assert len(rows) == 3 and rows[0][3] == "keep" and rows[0][4] == "baseline"
     results = ledger_records(d, "result")
     base = results[0]
     assert math.isfinite(base["val_bpb"]) and 0.5 < base["val_bpb"] < 10
+    assert len(base["runs"]) == 2 and base["seeds"] == [42, 43]      # the noise floor, on the baseline
+    assert all(not res.get("reruns") for res in results[1:])
     assert base["profile"] == "smoke" and base["dataset"] == "builtin" and base["backend"] == "mlx"
     assert base["summary"]["backend"] == "mlx" and base["summary"]["eval_tokens"] > 0
     for res in results[1:]:
