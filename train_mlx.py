@@ -27,9 +27,9 @@ from prepare import (PROFILE, SEED, Tokenizer, ensure_prepared, evaluate_bpb, ma
 
 try:  # custom Metal attention kernels (forward + backward); absent or unused off Metal
     import metal_kernels
-    METAL_ATTENTION = metal_kernels.attention if mx.metal.is_available() else None
-except (ImportError, AttributeError):
-    METAL_ATTENTION = None
+    USE_METAL_ATTENTION = mx.metal.is_available()
+except ImportError:
+    USE_METAL_ATTENTION = False
 
 # ---------------------------------------------------------------------------
 # GPT Model
@@ -74,8 +74,9 @@ def attention(q, k, v, window, scale):
     T = q.shape[2]
     if window is not None and window >= T - 1:
         window = None
-    if METAL_ATTENTION is not None:
-        return METAL_ATTENTION(q, k, v, window=window, scale=scale)
+    # the kernels cover head dims 64/128 with equal q/kv heads; anything else takes MLX's attention
+    if USE_METAL_ATTENTION and metal_kernels.has_kernel(q.shape[-1], q.dtype) and k.shape[1] == q.shape[1]:
+        return metal_kernels.attention(q, k, v, window=window, scale=scale)
     mask = "causal" if window is None else window_mask(T, window)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
@@ -690,7 +691,7 @@ def main():
         print(f"Peak FLOP/s for MFU: measured {dtype_name} matmul on {device}: {peak / 1e9:.1f} GFLOP/s")
     else:
         print(f"Peak FLOP/s for MFU: {device} {dtype_name} table value {peak / 1e12:.1f} TFLOP/s")
-    print(f"Attention: {'metal_kernels' if METAL_ATTENTION is not None else 'mx.fast.scaled_dot_product_attention'}")
+    print(f"Attention: {'metal_kernels' if USE_METAL_ATTENTION else 'mx.fast.scaled_dot_product_attention'}")
     print(f"Time budget: {time_budget}s | gradient accumulation steps: {grad_accum_steps}")
 
     # Warm up compilation and kernel JIT on a throwaway step, then restore the initial weights
