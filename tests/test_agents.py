@@ -16,7 +16,7 @@ from autoresearch.agents import AgentFailed, Context, make_digest
 from autoresearch.agents.anthropic_api import (AnthropicAgent, TrainingFileEditor, EditorError, price_for,
                                                usage_cost)
 from autoresearch.agents.claude_code import ClaudeCodeAgent
-from autoresearch.agents.hparam import HparamAgent, read_constants, set_constant
+from autoresearch.agents.hparam import HparamAgent, blob_hash, read_constants, set_constant
 from autoresearch.ledger import Ledger
 from autoresearch.runner import RunConfig, Runner, run
 from autoresearch.trainer import SetupError, Trainer
@@ -88,11 +88,14 @@ def test_hparam_search_follows_the_documented_strategy(tmp_path):
     f = tmp_path / "train_mlx.py"
     f.write_text(TRAINER)
     agent = HparamAgent()
-    history = []
+    # the runner's baseline result carries the content hash (blob) of the file it scored
+    history = [{"status": "keep", "description": "baseline", "blob": blob_hash(TRAINER)}]
+    proposed = []
 
     def step(status):
         ctx = Context(tmp_path, "train_mlx.py", "", "", list(history))
         prop = agent.propose(ctx)
+        proposed.append(f.read_text())
         history.append({"status": status, "agent_meta": prop.meta, "description": prop.description})
         if status != "keep":
             f.write_text(prev)
@@ -112,11 +115,36 @@ def test_hparam_search_follows_the_documented_strategy(tmp_path):
     assert (m["name"], m["direction"]) == ("WARMDOWN_RATIO", -1) and m["new"] == pytest.approx(0.6)
     m = step("discard")
     assert (m["name"], m["direction"], m["new"]) == ("DEPTH", 1, 5)
-    # After a full sweep (2 moves per constant) without a keep the step shrinks.
+    m = step("discard")
+    assert (m["name"], m["direction"], m["new"]) == ("DEPTH", -1, 3)
+    # Back at MATRIX_LR: 0.06 -> 0.09 already ran and 0.06 -> 0.04 is the baseline's file, and
+    # every other move at step 1.5 was tried: the step shrinks instead of re-proposing a file.
+    m = step("discard")
+    assert (m["name"], m["direction"], m["new"]) == ("MATRIX_LR", 1, 0.07348)
+    assert m["factor"] == pytest.approx(1.5 ** 0.5)
     for _ in range(8):
         m = step("discard")
-    assert m["factor"] == pytest.approx(1.5 ** 0.5)
+    assert m["factor"] < 1.5 ** 0.5                 # finer still after another sweep
+    assert len(set(proposed)) == len(proposed) and TRAINER not in proposed   # no file proposed twice
     assert "DEPTH = 2" in f.read_text()     # the indented override is never touched
+
+
+def test_hparam_skips_files_it_already_proposed_even_when_they_crashed(tmp_path):
+    """A resumed run: the history holds a crashed proposal (no runner blob, only the agent's
+    own record) and the runner's blob of a discarded file; neither is proposed again."""
+    f = tmp_path / "train_mlx.py"
+    f.write_text(TRAINER)
+    up = set_constant(TRAINER, "MATRIX_LR", 0.06)
+    down = set_constant(TRAINER, "MATRIX_LR", 0.02667)
+    history = [{"status": "keep", "description": "baseline", "blob": blob_hash(TRAINER)},
+               {"status": "crash", "description": "MATRIX_LR 0.04 -> 0.06",
+                "agent_meta": {"hparam": {"name": "MATRIX_LR", "old": 0.04, "new": 0.06, "direction": 1,
+                                          "factor": 1.5, "blob": blob_hash(up)}}},
+               {"status": "discard", "description": "by hand", "blob": blob_hash(down)}]
+    prop = HparamAgent().propose(Context(tmp_path, "train_mlx.py", "", "", history))
+    # the plan's first move (MATRIX_LR down after a failed up move) is the discarded file
+    assert prop.description == "WARMUP_RATIO 0.0 -> 0.05" and f.read_text() not in (up, down)
+    assert prop.meta["hparam"]["blob"] == blob_hash(f.read_text())
 
 
 def test_hparam_edits_the_real_trainers_constants():
@@ -413,3 +441,4 @@ def test_cli_defaults_to_anthropic_when_a_key_is_set(tmp_path, stub):
     assert [x[4] for x in tsv_rows(d)] == ["baseline", "MATRIX_LR 0.04 -> 0.06"]
     assert ledger_records(d, "session")[0]["model"] == "claude-sonnet-4-6"
     assert default_agent_name() == "hparam"      # this test process has no key
+

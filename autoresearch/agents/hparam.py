@@ -19,9 +19,14 @@ the same search):
     goes on with the next constant, starting upwards.
   * Each full sweep over all constants without a keep shrinks the step:
     factor 1.5, then 1.5**0.5, 1.5**0.25, ... (finer search around the optimum).
+  * A move whose resulting file was already tried in this run is skipped: the runner
+    records the content hash (git blob id) of every scored file, and this agent records the
+    hash of every file it proposed (crashed and identical ones included). When every move
+    at the current step was tried, the step shrinks as after a sweep.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -30,6 +35,7 @@ from . import Agent, AgentFailed, Context, Proposal
 _CONST = re.compile(r"^(?P<name>[A-Z][A-Z0-9_]*)(?P<eq>\s*=\s*)(?P<value>[-+]?(?:\d[\d_]*\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?))(?P<rest>\s*(?:#.*)?)$")
 TUNABLE_INTS = ("DEPTH",)
 BASE_FACTOR = 1.5
+MAX_SHRINKS = 8          # 1.5 ** (0.5 ** 8) ~ 1.0016: below that, 4 significant digits stop moving
 
 
 _BLOCK_MARKER = re.compile(r"^#.*\bhyperparameters\b", re.IGNORECASE)
@@ -99,6 +105,25 @@ def moved(name: str, value, direction: int, factor: float):
     return None if new == value else new
 
 
+def blob_hash(text: str) -> str:
+    """git's blob id of a file with this content (what `git hash-object` prints)."""
+    data = text.encode()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def tried_blobs(history: list[dict]) -> set[str]:
+    """Content hashes of every training file this run has already tried: the runner's
+    `blob` of each scored result and the hparam agent's own record of each proposal."""
+    tried = set()
+    for r in history:
+        if r.get("blob"):
+            tried.add(r["blob"])
+        meta = r.get("agent_meta")
+        if isinstance(meta, dict) and isinstance(meta.get("hparam"), dict) and meta["hparam"].get("blob"):
+            tried.add(meta["hparam"]["blob"])
+    return tried
+
+
 class HparamAgent(Agent):
     name = "hparam"
 
@@ -151,15 +176,23 @@ class HparamAgent(Agent):
                               "(expected module-level lines like `MATRIX_LR = 0.04`).")
         values = {name: value for name, value, _ in constants}
         names = [name for name, _, _ in constants]
+        tried = tried_blobs(ctx.history) | {blob_hash(text)}
         factor = self._factor(ctx.history, len(names))
-        for name, direction in self._plan(names, ctx.history):
-            new = moved(name, values[name], direction, factor)
-            if new is None:
-                continue
-            path.write_text(set_constant(text, name, new))
-            old = format_value(values[name])
-            return Proposal(
-                description=f"{name} {old} -> {format_value(new)}",
-                meta={"hparam": {"name": name, "old": values[name], "new": new,
-                                 "direction": direction, "factor": factor}})
-        raise AgentFailed("hparam agent: no constant can move any further.")
+        plan = self._plan(names, ctx.history)
+        for _ in range(MAX_SHRINKS + 1):
+            for name, direction in plan:
+                new = moved(name, values[name], direction, factor)
+                if new is None:
+                    continue
+                candidate = set_constant(text, name, new)
+                blob = blob_hash(candidate)
+                if blob in tried:
+                    continue      # this exact file already ran (or crashed): next move
+                path.write_text(candidate)
+                old = format_value(values[name])
+                return Proposal(
+                    description=f"{name} {old} -> {format_value(new)}",
+                    meta={"hparam": {"name": name, "old": values[name], "new": new,
+                                     "direction": direction, "factor": factor, "blob": blob}})
+            factor = factor ** 0.5    # every move at this step was tried: a finer step
+        raise AgentFailed("hparam agent: no constant can move to a file not tried yet.")
