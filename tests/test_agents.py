@@ -442,3 +442,19 @@ def test_cli_defaults_to_anthropic_when_a_key_is_set(tmp_path, stub):
     assert ledger_records(d, "session")[0]["model"] == "claude-sonnet-4-6"
     assert default_agent_name() == "hparam"      # this test process has no key
 
+
+def test_program_md_states_the_integrity_checks_and_the_keep_rule():
+    """What the runner enforces, the agent is told: causality (future-reading logits are
+    invalid), the harness's eval size and numbers, the hidden slice, and the default noise
+    rule's re-run of a small gain (program.md is the agents' system prompt)."""
+    from autoresearch.cli import build_parser
+    from autoresearch.integrity import REPORT_ENV
+    text = " ".join((PROJECT / "program.md").read_text().split())
+    assert "logits at position t depend on tokens after t is scored **invalid**" in text
+    assert "picks the validation rows and the number of eval tokens" in text
+    assert "hidden validation slice" in text.lower() and "kept runs" in text
+    assert "a gain smaller than it is re-run with new seeds" in text and "`--decide noise`" in text
+    # the facts behind the text: the harness reports to the runner; noise is the CLI's default rule
+    assert REPORT_ENV in (PROJECT / "prepare.py").read_text()
+    args = build_parser().parse_args(["run"])
+    assert args.decide is None and args.reruns > 0     # None = noise (cmd_run), small gains re-run
