@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-experiments", type=int, default=None, metavar="N",
                    help="stop after N experiments on this branch, baseline not counted (default: no limit)")
     r.add_argument("--max-spend", type=float, default=None, metavar="USD",
-                   help="never start an experiment that could take the agent's spend past USD")
+                   help="never start an experiment that could take the API spend (the agent's, plus the "
+                        "rubric judge's with --rubric) past USD")
     r.add_argument("--max-fix-attempts", type=int, default=2, metavar="N",
                    help="fix attempts the agent gets for a crashed run before it is logged as crash (default 2)")
     r.add_argument("--max-turns", type=int, default=30, help="agent turns per experiment (default 30)")

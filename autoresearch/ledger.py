@@ -10,7 +10,8 @@ Ledger events (all carry `time` and `tag`):
   session  a run started or resumed (backend, agent, model, profile, protected-file hashes)
   start    an experiment is about to run: exp, commit, parent (the best commit), description
   spawn    the trainer process started: exp, pgid
-  result   an experiment finished: exp, commit, val_bpb, memory_gb, status, description, ...
+  result   an experiment finished: exp, commit, val_bpb, memory_gb, status, description,
+           cost_usd (the agent's spend), judge_cost_usd (the rubric judge's, general mode), ...
   agent_cost  spend of an agent call that produced no run (outage, no edit)
 """
 from __future__ import annotations
@@ -134,8 +135,9 @@ class Ledger:
         return max(used) + 1 if used else 0
 
     def spent_usd(self) -> float:
-        """Agent spend: each result's cost plus the cost of proposals that produced no run."""
-        return sum(r.get("cost_usd") or 0.0 for r in self.records()
+        """API spend: each result's agent cost and rubric-judge cost, plus the cost of
+        proposals that produced no run."""
+        return sum((r.get("cost_usd") or 0.0) + (r.get("judge_cost_usd") or 0.0) for r in self.records()
                    if r.get("event") in ("result", "agent_cost"))
 
     # -- writing ---------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def status_text(ledger: Ledger, repo) -> str:
         base = min((r for r in results if r["status"] == "keep"), key=lambda r: r["exp"])
         lines.append(f"baseline: {base['val_bpb']:.6f}   best: {best['val_bpb']:.6f} at {best['commit_short']} "
                      f"({best['description']})")
-    lines.append(f"agent spend: ${ledger.spent_usd():.4f}")
+    lines.append(f"API spend (agent and judge): ${ledger.spent_usd():.4f}")
     open_exp = ledger.open_experiment()
     if open_exp:
         pgid = ledger.spawned_pgid(open_exp["exp"])

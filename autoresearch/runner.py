@@ -65,7 +65,7 @@ class RunConfig:
     tag: str
     backend: str
     max_experiments: int | None = None       # experiments after the baseline, whole branch
-    max_spend: float | None = None           # USD, agent cost over the whole branch
+    max_spend: float | None = None           # USD, agent + rubric-judge cost over the whole branch
     max_fix_attempts: int = 2
     outage_wait_s: float = 30.0              # first pause after the SDK's own retries gave up
     outage_max_wait_s: float = 600.0         # longest single pause
@@ -95,6 +95,7 @@ class Runner:
         self.protected: dict[str, str] = {}
         self.protected_untracked: set[str] = set()
         self.base_commit: str | None = None
+        self._judge_mark = 0.0                   # the judge's cumulative spend when this experiment began
         # what the agents are told to improve: val_bpb (lower) unless the trainer names its metric
         self.objective = Objective(getattr(self.trainer, "metric_name", "val_bpb"),
                                    getattr(self.trainer, "direction", "min"))
@@ -310,13 +311,24 @@ class Runner:
         if self.config.max_spend is None:
             return
         spent = self.ledger.spent_usd()
-        costs = [r.get("cost_usd") or 0.0 for r in self.ledger.results() if not r.get("baseline")]
+        results = self.ledger.results()
+        costs = [r.get("cost_usd") or 0.0 for r in results if not r.get("baseline")]
         estimate = max(costs) if costs else self.agent.prior_cost_estimate()
+        # the rubric judge scores every run, re-runs included: its dearest run so far, times
+        # the runs one experiment may take
+        per_run = max(((r.get("judge_cost_usd") or 0.0) / max(1, len(r.get("runs") or [0])) for r in results),
+                      default=0.0)
+        estimate += per_run * (1 + (self.decisions.reruns if self.decisions.rule == "noise" else 0))
         if spent + estimate > self.config.max_spend:
             raise RunStopped(f"--max-spend {self.config.max_spend:.2f} USD: ${spent:.4f} spent and the next "
                              f"experiment could cost ${estimate:.4f}; stopping before it.")
 
+    def _judge_spend(self) -> float:
+        """What the rubric judge (general mode, --rubric) has cost in this process so far."""
+        return float(getattr(getattr(self.trainer, "judge", None), "cost_usd", 0.0) or 0.0)
+
     def baseline(self) -> bool:
+        self._judge_mark = self._judge_spend()
         exp = self.ledger.next_exp()
         commit = gitops.head_sha(self.repo)
         self.out(f"[{exp}] baseline at {gitops.short(commit)}")
@@ -328,6 +340,7 @@ class Runner:
         return status == "keep"
 
     def experiment(self) -> None:
+        self._judge_mark = self._judge_spend()
         exp = self.ledger.next_exp()
         best_commit, best_val = self.best_commit(), self._best_val()
         proposal = self._propose(exp)
@@ -458,6 +471,9 @@ class Runner:
         s = outcome.summary or {}
         val = extra.pop("val_bpb") if "val_bpb" in extra else (s.get("val_bpb") if outcome.ok else None)
         mem = s.get("peak_vram_mb") / 1024 if isinstance(s.get("peak_vram_mb"), float) and outcome.ok else None
+        judged = self._judge_spend() - self._judge_mark     # every scoring of this experiment, re-runs too
+        if judged > 0:
+            extra["judge_cost_usd"] = judged
         self._write_result(exp, commit, status, description, val_bpb=val, memory_gb=mem,
                            run_seconds=round(outcome.seconds, 2), returncode=outcome.returncode,
                            timed_out=outcome.timed_out, summary=s, **extra)

@@ -284,3 +284,30 @@ def test_metric_name_comes_from_the_regex():
     assert metric_name(r"^iterations\s*=\s*(\d+)") == "iterations"
     assert metric_name(r"(\d+) ms") == "score" and metric_name(r"\d+\.\d+") == "score"
     assert MetricTrainer.build("true", r"(?:x)? loss: ([0-9.]+)", "min", ["a.py"]).metric_name == "loss"
+
+
+def test_rubric_judge_spend_counts_toward_max_spend(judge_stub, tmp_path, monkeypatch):
+    """The judge's usage, priced like the agent's, is part of the spend --max-spend bounds:
+    with a free agent, the judge's calls alone stop the run before it could pass the cap."""
+    from autoresearch.agents.anthropic_api import usage_cost
+    from autoresearch.ledger import Ledger
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", judge_stub.url)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    per_call = usage_cost("claude-sonnet-4-6", judge_stub.usage)          # 0.0051 USD
+    d = tmp_path / "doc"
+    (tmp_path / "rubric.md").write_text(RUBRIC)
+    init_repo(d, {"note.md": "Sums squares.\n"})
+    trainer = MetricTrainer.build(None, None, "min", ["note.md"], rubric=str(tmp_path / "rubric.md"))
+    agent = ScriptedAgent([("name the function", "The function `total` sums squares.\n"),
+                           ("add an example", "The function total, for example total(3) = 5.\n"),
+                           ("complexity", "The function total, for example total(3) = 5, is O(1): `complexity`.\n")])
+    out = []
+    runner = Runner(d, RunConfig(tag="doc", backend="metric", max_experiments=3, max_spend=2.4 * per_call),
+                    agent, trainer, out=out.append, sleep=lambda s: None, decisions=Decisions("greedy"))
+    assert run(runner, resume=False) == 3, "\n".join(out)          # stopped by the cap
+    results = ledger_records(d, "result")
+    assert len(results) == 2 and len(judge_stub.messages()) == 2     # baseline + 1: a third call could pass it
+    assert all(r["judge_cost_usd"] == pytest.approx(per_call) and r["cost_usd"] == 0 for r in results)
+    spent = Ledger(d, "doc").spent_usd()
+    assert spent == pytest.approx(2 * per_call) and spent <= 2.4 * per_call
+    assert any("--max-spend" in line for line in out)
