@@ -97,6 +97,7 @@ def draw_progress(results: list[dict], path: Path, title: str = "autoresearch") 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = sorted(results, key=lambda r: r["exp"])
     xs = list(range(len(rows)))
@@ -132,8 +133,9 @@ def draw_progress(results: list[dict], path: Path, title: str = "autoresearch") 
     mode = (rows[0].get("backend") == "metric") if rows else False
     ax.set_ylabel(("metric" if mode else "val_bpb") + (" (higher is better)" if maximize else " (lower is better)"))
     ax.set_title(f"{title}: {len(rows)} experiments, {max(len(kept) - 1, 0)} kept improvements")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="best")  # a fixed corner can hide the newest points
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
