@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from autoresearch.agents import Agent, AgentFailed, Proposal
 from autoresearch.decide import Best, Greedy, NoiseAware, duplicate_of, gain, make_decider, spread
 from autoresearch.policy import Decisions
 from autoresearch.runner import RunConfig, Runner, run
 from autoresearch.trainer import Trainer
-from loop_fixtures.helpers import cli_env, ledger_records, make_repo, run_cli, tsv_rows
+from loop_fixtures.helpers import ScriptedAgent, cli_env, ledger_records, make_repo, run_cli, tsv_rows
 
 HERE = Path(__file__).parent
 NOISY = HERE / "decide_fixtures" / "noisy_train.py"
@@ -94,32 +93,13 @@ def test_bad_rule_settings_are_clear_errors():
 
 
 # -- the loop ----------------------------------------------------------------------------------
-class ScriptedAgent(Agent):
-    """Applies a fixed list of edits (functions of the file path), one per experiment."""
-    name = "scripted"
-
-    def __init__(self, edits):
-        self.edits = list(edits)
-
-    def propose(self, ctx):
-        if not self.edits:
-            raise AgentFailed("script exhausted")
-        desc, edit = self.edits.pop(0)
-        edit(ctx.training_path)
-        return Proposal(description=desc)
-
-
 def add_comment(k):
     """An A/A edit: the file changes (new git blob) but the training does not."""
-    def edit(path):
-        path.write_text(path.read_text() + f"# no-op edit {k}\n")
-    return edit
+    return lambda text: text + f"# no-op edit {k}\n"
 
 
 def set_const(name, value):
-    def edit(path):
-        path.write_text(re.sub(rf"^{name} = .*$", f"{name} = {value}", path.read_text(), count=1, flags=re.M))
-    return edit
+    return lambda text: re.sub(rf"^{name} = .*$", f"{name} = {value}", text, count=1, flags=re.M)
 
 
 def noisy_repo(tmp_path, monkeypatch, name="p"):

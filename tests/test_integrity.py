@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 
 import prepare
-from autoresearch.agents import Agent, AgentFailed, Proposal
 from autoresearch.integrity import check_summary, hidden_of
 from autoresearch.policy import Decisions
 from autoresearch.runner import RunConfig, Runner, run
 from autoresearch.trainer import Trainer
-from loop_fixtures.helpers import PROJECT, ledger_records, make_repo
+from loop_fixtures.helpers import PROJECT, ScriptedAgent, ledger_records, make_repo
 
 HERE = Path(__file__).parent
 V = 64
@@ -137,21 +136,6 @@ def test_check_summary_rules():
 
 
 # -- the runner --------------------------------------------------------------------------------
-class ScriptedAgent(Agent):
-    name = "scripted"
-
-    def __init__(self, edits):
-        self.edits = list(edits)
-
-    def propose(self, ctx):
-        if not self.edits:
-            raise AgentFailed("script exhausted")
-        desc, edit = self.edits.pop(0)
-        p = ctx.training_path
-        p.write_text(edit(p.read_text()))
-        return Proposal(description=desc)
-
-
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
     for k in list(os.environ):

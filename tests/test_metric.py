@@ -13,14 +13,13 @@ import anthropic
 import git
 import pytest
 
-from autoresearch.agents import Agent, AgentFailed, Proposal
 from autoresearch.judge import JudgeError, RubricJudge, parse_answers, parse_rubric
 from autoresearch.metric import MetricTrainer, parse_metric, compile_regex
 from autoresearch.policy import Decisions
 from autoresearch.runner import RunConfig, Runner, run
 from autoresearch.trainer import SetupError
 from loop_fixtures.anthropic_stub import StubAPI
-from loop_fixtures.helpers import PROJECT, cli_env, ledger_records, run_cli, tsv_rows
+from loop_fixtures.helpers import PROJECT, ScriptedAgent, cli_env, ledger_records, run_cli, tsv_rows
 
 EXAMPLE = PROJECT / "examples" / "newton_sqrt"
 PY = sys.executable
@@ -49,20 +48,6 @@ def init_repo(d: Path, files: dict[str, str] | None = None, copy_from: Path | No
     repo.git.add("-A")
     repo.git.commit("-q", "-m", "target")
     return repo
-
-
-class ScriptedAgent(Agent):
-    name = "scripted"
-
-    def __init__(self, edits):
-        self.edits = list(edits)
-
-    def propose(self, ctx):
-        if not self.edits:
-            raise AgentFailed("script exhausted")
-        desc, new_text = self.edits.pop(0)
-        ctx.training_path.write_text(new_text)
-        return Proposal(description=desc)
 
 
 SLOW = '''"""Sum of squares, written slowly."""

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import git
 
+from autoresearch.agents import Agent, AgentFailed, Proposal
+
 HERE = Path(__file__).parent
 PROJECT = HERE.parent.parent
 
@@ -64,3 +66,20 @@ def fake_val_of(text: str) -> float:
     import math
     return round(1.0 + 0.5 * math.log(ns["MATRIX_LR"] / 0.09) ** 2 + 0.1 * math.log(ns["EMBEDDING_LR"] / 0.6) ** 2
                  + 0.2 * (ns["WARMDOWN_RATIO"] - 0.6) ** 2 + 0.01 * abs(ns["DEPTH"] - 5), 6)
+
+
+class ScriptedAgent(Agent):
+    """A deterministic agent for runner tests: one scripted edit per experiment, each
+    (description, new file text or a function old text -> new text)."""
+    name = "scripted"
+
+    def __init__(self, edits):
+        self.edits = list(edits)
+
+    def propose(self, ctx):
+        if not self.edits:
+            raise AgentFailed("script exhausted")
+        desc, change = self.edits.pop(0)
+        path = ctx.training_path
+        path.write_text(change(path.read_text()) if callable(change) else change)
+        return Proposal(description=desc)
