@@ -881,14 +881,14 @@ class _BestFitBuffer:
         return self._pop_length(0)
 
 
-def pack_rows(token_batches, B, T, buffer_size=1000, dtype=np.int64, drain=False):
+def pack_rows(token_batches, B, T, buffer_size=1000, dtype=np.int64):
     """Upstream's BOS-aligned best-fit packing: yields (rows (B, T+1), epoch).
 
     token_batches yields (list of token arrays, epoch). Each row is filled with the
     largest buffered document that fits; when none fits, the shortest one is cropped
-    to fill the row exactly. drain=True (evaluation): when the documents run out, keep
-    packing what is buffered, and stop at the first row that cannot be completed;
-    a partial last batch is yielded with fewer rows."""
+    to fill the row exactly. A finite stream (evaluation) is packed until the buffer runs
+    dry; the row that cannot be completed is dropped and a partial last batch is yielded
+    with fewer rows."""
     row_capacity = T + 1
     buffer = _BestFitBuffer()
     epoch = 1
@@ -906,7 +906,7 @@ def pack_rows(token_batches, B, T, buffer_size=1000, dtype=np.int64, drain=False
                         break
                     for doc in docs:
                         buffer.add(doc)
-                if buffer.count == 0:  # only when draining: the documents ran out mid-row
+                if buffer.count == 0:  # a finite stream ran out mid-row
                     if r:
                         yield rows[:r], epoch
                     return
@@ -1016,6 +1016,15 @@ EVAL_CHUNK_BYTES = 64 * 1024 * 1024  # float32 logits processed at a time: extra
 _eval_rows_cache = {}
 
 
+def _first_val_rows(tokenizer, T, n_rows, dataset):
+    """The first n_rows packed rows (n, T+1) of the validation stream, never cycling the shard
+    (fewer when it runs out)."""
+    batches = _tokenized_batches(tokenizer, _document_batches("val", dataset, cycle=False))
+    packed = [rows for rows, _ in itertools.islice(pack_rows(batches, 64, T, dtype=np.int32),
+                                                   math.ceil(n_rows / 64))]
+    return np.concatenate(packed)[:n_rows] if packed else np.empty((0, T + 1), np.int32)
+
+
 def eval_rows(tokenizer, profile=None, dataset=None):
     """The validation rows (N, T+1) evaluate_bpb scores: upstream's val stream, first
     eval_tokens // T rows, never cycling the shard (a small shard is scored once, whole)."""
@@ -1025,11 +1034,7 @@ def eval_rows(tokenizer, profile=None, dataset=None):
     key = (CACHE_DIR, dataset, profile, id(tokenizer.enc))
     if key not in _eval_rows_cache:
         T = profile.seq_len
-        n_rows = profile.eval_tokens // T
-        batches = _tokenized_batches(tokenizer, _document_batches("val", dataset, cycle=False))
-        packed = [rows for rows, _ in itertools.islice(pack_rows(batches, 64, T, drain=True, dtype=np.int32),
-                                                       math.ceil(n_rows / 64))]
-        rows = np.concatenate(packed)[:n_rows] if packed else np.empty((0, T + 1), np.int32)
+        rows = _first_val_rows(tokenizer, T, profile.eval_tokens // T, dataset)
         if len(rows) == 0:
             raise HarnessError(f"the validation shard of dataset {dataset!r} holds less than one row of "
                                f"{T + 1} tokens; prepare more data (`{_prepare_command(dataset)}`).")
@@ -1284,12 +1289,7 @@ def hidden_rows(tokenizer, profile=None, dataset=None):
     n_hidden = max(1, int(profile.eval_tokens * HIDDEN_EVAL_FRACTION) // T)
     key = ("hidden", CACHE_DIR, dataset, profile, id(tokenizer.enc))
     if key not in _eval_rows_cache:
-        want = n_main + n_hidden
-        batches = _tokenized_batches(tokenizer, _document_batches("val", dataset, cycle=False))
-        packed = [rows for rows, _ in itertools.islice(pack_rows(batches, 64, T, drain=True, dtype=np.int32),
-                                                       math.ceil(want / 64))]
-        rows = np.concatenate(packed)[:want] if packed else np.empty((0, T + 1), np.int32)
-        _eval_rows_cache[key] = rows[n_main:]
+        _eval_rows_cache[key] = _first_val_rows(tokenizer, T, n_main + n_hidden, dataset)[n_main:]
     return _eval_rows_cache[key]
 
 

@@ -128,19 +128,6 @@ class NoiseAware:
                               f"{'>=' if status == 'keep' else '<'} {need:.6g}")
 
 
-def make_decider(rule: str, sigma: float | None, confidence: float = DEFAULT_CONFIDENCE,
-                 reruns: int = DEFAULT_RERUNS, df: int | None = None):
-    """The rule object; `noise` without a measured sigma is an error the caller handles
-    (the runner measures the noise floor at the baseline first)."""
-    if rule == "greedy":
-        return Greedy()
-    if rule == "noise":
-        if sigma is None:
-            raise ValueError("the noise rule needs a noise floor: run `autoresearch noise` first.")
-        return NoiseAware(sigma, confidence, reruns, df)
-    raise ValueError(f"unknown --decide rule {rule!r}: use one of {', '.join(DECIDE_RULES)}.")
-
-
 # -- the noise floor -------------------------------------------------------------------------
 def spread(values: list[float]) -> dict:
     """mean, sample standard deviation, min, max, n of repeated runs."""

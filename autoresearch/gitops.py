@@ -61,13 +61,6 @@ def branch_exists(repo: git.Repo, branch: str) -> bool:
         return False
 
 
-def autoresearch_branches(repo: git.Repo) -> list[str]:
-    """autoresearch/* branches, most recently committed first."""
-    out = repo.git.for_each_ref("--sort=-committerdate", "--format=%(refname:short)",
-                                f"refs/heads/{BRANCH_PREFIX}")
-    return [line for line in out.splitlines() if line]
-
-
 def changed_tracked_files(repo: git.Repo) -> list[str]:
     """Tracked files whose working-tree or staged content differs from HEAD."""
     out = repo.git.diff("HEAD", "--name-only", "--no-renames")

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-LOG2E = 1.4426950408889634
-
 # Helpers shared by the three kernels (MSL; also valid C++ for the emulator).
 HEADER = """
 // Lane layout of an 8x8 simdgroup_matrix (as in MLX's steel kernels): lane l holds elements

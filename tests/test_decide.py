@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from autoresearch.decide import Best, Greedy, NoiseAware, duplicate_of, gain, make_decider, spread
+from autoresearch.decide import Best, Greedy, NoiseAware, duplicate_of, gain, spread
 from autoresearch.policy import Decisions
 from autoresearch.runner import RunConfig, Runner, run
 from autoresearch.trainer import Trainer
@@ -84,10 +84,6 @@ def test_noise_aware_thresholds_and_reruns():
 def test_bad_rule_settings_are_clear_errors():
     with pytest.raises(ValueError, match="confidence"):
         NoiseAware(0.03, confidence=1.5)
-    with pytest.raises(ValueError, match="autoresearch noise"):
-        make_decider("noise", None)
-    with pytest.raises(ValueError, match="greedy"):
-        make_decider("bogus", 0.1)
     s = spread([1.0, 1.1, 0.9])
     assert s["mean"] == pytest.approx(1.0) and s["std"] == pytest.approx(0.1) and s["n"] == 3
 

@@ -73,7 +73,7 @@ def test_draining_packer_uses_each_document_once_and_matches_upstream_until_the_
     T = 63
     batches = list(random_doc_batches(seed=7, n_docs=300, T=T, epochs=1))
     total_tokens = sum(len(d) for docs, _ in batches for d in docs)
-    drained = np.concatenate([r for r, _ in prepare.pack_rows(iter(batches), 1, T, 50, drain=True)])
+    drained = np.concatenate([r for r, _ in prepare.pack_rows(iter(batches), 1, T, 50)])
     assert len(drained) * (T + 1) <= total_tokens
     assert len({row.tobytes() for row in drained}) == len(drained)
     # upstream would cycle the data; up to the point where it reads the second epoch, rows agree
