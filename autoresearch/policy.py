@@ -130,18 +130,27 @@ class Decisions:
             return "crash", {"note": "guard failed"}
         return "crash", {}
 
-    def baseline(self, exp: int, outcome) -> tuple[str, dict]:
-        """The baseline's status and fields; with the noise rule and no comparable noise floor,
-        the baseline is run noise_runs times in all and the floor is recorded."""
+    def _screen(self, outcome, rule_name: str) -> tuple[str | None, dict]:
+        """(crash/invalid, fields) for a run that cannot be scored; else (None, the fields
+        every scored result records)."""
         if not outcome.ok:
             return self._failed(outcome)
         problem = self.check(outcome)
         if problem:
             return "invalid", {"invalid_reason": problem, "val_bpb": None}
         r = self.runner
+        return None, {"blob": blob_id(r.repo_root, r.training_file), "decide": rule_name,
+                      **hidden_of(read_reports(self.report_path), outcome.summary["val_bpb"]),
+                      **self._direction_field()}
+
+    def baseline(self, exp: int, outcome) -> tuple[str, dict]:
+        """The baseline's status and fields; with the noise rule and no comparable noise floor,
+        the baseline is run noise_runs times in all and the floor is recorded."""
+        status, extra = self._screen(outcome, self.rule)
+        if status:
+            return status, extra
+        r = self.runner
         value = outcome.summary["val_bpb"]
-        extra = {"blob": blob_id(r.repo_root, r.training_file), "decide": self.rule,
-                 **hidden_of(read_reports(self.report_path), value), **self._direction_field()}
         floor = self.floor
         if floor is not None and floor.get("blob") == extra["blob"] and floor.get("values"):
             # the noise floor was measured on this very file: its runs are baseline runs too
@@ -175,15 +184,11 @@ class Decisions:
     def judge(self, exp: int, outcome, custom=None) -> tuple[str, dict]:
         """keep / discard / invalid / crash for an experiment, with re-runs if the rule asks.
         `custom(val, best_val) -> status` replaces the rule (Runner.decide set by hand)."""
-        if not outcome.ok:
-            return self._failed(outcome)
-        problem = self.check(outcome)
-        if problem:
-            return "invalid", {"invalid_reason": problem, "val_bpb": None}
+        status, extra = self._screen(outcome, self.decider.name)
+        if status:
+            return status, extra
         r = self.runner
         value = outcome.summary["val_bpb"]
-        extra = {"blob": blob_id(r.repo_root, r.training_file), "decide": self.decider.name,
-                 **hidden_of(read_reports(self.report_path), value), **self._direction_field()}
         best = best_of(r.ledger.best())
         if best is None:     # no kept baseline (cannot happen in the loop; be safe)
             return "keep", extra

@@ -41,3 +41,15 @@ def builtin_cache(tmp_path_factory):
     if result.returncode != 0:
         pytest.fail(f"prepare.py --dataset builtin failed:\n{result.stdout}\n{result.stderr}")
     return env
+
+
+@pytest.fixture
+def builtin(builtin_cache, monkeypatch):
+    """prepare.py, in this process, pointed at the session's prepared builtin dataset (smoke
+    profile); returns its tokenizer."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import prepare
+    monkeypatch.setattr(prepare, "CACHE_DIR", builtin_cache["AUTORESEARCH_CACHE"])
+    monkeypatch.setattr(prepare, "DATASET", "builtin")
+    monkeypatch.setattr(prepare, "PROFILE", prepare.PROFILES["smoke"])
+    return prepare.Tokenizer.from_directory()

@@ -21,14 +21,6 @@ sys.path.insert(0, str(REPO))
 import prepare  # noqa: E402
 
 
-@pytest.fixture
-def builtin(builtin_cache, monkeypatch):
-    """prepare.py, in this process, pointed at the session's prepared builtin dataset (smoke profile)."""
-    monkeypatch.setattr(prepare, "CACHE_DIR", builtin_cache["AUTORESEARCH_CACHE"])
-    monkeypatch.setattr(prepare, "DATASET", "builtin")
-    monkeypatch.setattr(prepare, "PROFILE", prepare.PROFILES["smoke"])
-    return prepare.Tokenizer.from_directory()
-
 
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):

@@ -21,13 +21,6 @@ reference_pack_rows = bench_dataloader.reference_pack_rows
 BOS = 8188
 
 
-@pytest.fixture
-def builtin(builtin_cache, monkeypatch):
-    monkeypatch.setattr(prepare, "CACHE_DIR", builtin_cache["AUTORESEARCH_CACHE"])
-    monkeypatch.setattr(prepare, "DATASET", "builtin")
-    monkeypatch.setattr(prepare, "PROFILE", prepare.PROFILES["smoke"])
-    return prepare.Tokenizer.from_directory()
-
 
 def random_doc_batches(seed, n_docs, T, epochs, batch=16):
     """(docs, epoch) batches over `epochs` epochs (None: endless). Lengths drawn from a few values
