@@ -15,7 +15,8 @@ BRANCH_PREFIX = "autoresearch/"
 
 # Files and folders the agent must never change. Hashes of their working-tree content are
 # recorded when a run starts and checked before every experiment.
-PROTECTED_PATHS = ("prepare.py", "pyproject.toml", "uv.lock", "program.md", "autoresearch", "metal_kernels")
+PROTECTED_PATHS = ("prepare.py", "harness", "pyproject.toml", "uv.lock", "program.md", "autoresearch",
+                   "metal_kernels")
 
 # Untracked outputs of a run; added to .git/info/exclude so they never dirty the tree.
 RUN_OUTPUTS = ("results.tsv", "results.*.tsv", "ledger.jsonl", "run.log", "progress.png")

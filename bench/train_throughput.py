@@ -28,7 +28,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import prepare  # noqa: E402
+from harness.blas import BLAS_REEXEC_MARKER  # noqa: E402
 import train_mlx  # noqa: E402
 
 if __name__ == "__main__":
@@ -138,7 +138,7 @@ def compare_blas(args):
                                   ("steps", args.steps))]
     results = {}
     for label, blas in (("bundled", "bundled"), ("tuned", "auto")):
-        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", prepare.BLAS_REEXEC_MARKER)}
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", BLAS_REEXEC_MARKER)}
         env["AUTORESEARCH_BLAS"] = blas
         out = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if out.returncode != 0:

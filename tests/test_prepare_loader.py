@@ -12,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import prepare  # noqa: E402
+from harness import prefetch  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_dataloader", REPO / "bench" / "dataloader.py")
 bench_dataloader = importlib.util.module_from_spec(_spec)
@@ -142,7 +143,7 @@ def test_eval_rows_of_every_profile_are_distinct(builtin):
 
 def test_prefetching_keeps_order_propagates_errors_and_stops_with_its_consumer():
     import threading
-    assert list(prepare._prefetched(iter(range(50)), depth=3)) == list(range(50))
+    assert list(prefetch.prefetched(iter(range(50)), depth=3)) == list(range(50))
 
     def failing():
         yield 1
@@ -151,11 +152,11 @@ def test_prefetching_keeps_order_propagates_errors_and_stops_with_its_consumer()
 
     got = []
     with pytest.raises(prepare.HarnessError, match="shard is corrupt"):
-        for value in prepare._prefetched(failing()):
+        for value in prefetch.prefetched(failing()):
             got.append(value)
     assert got == [1, 2]
     before = set(threading.enumerate())
-    endless = prepare._prefetched(itertools.count(), depth=2)
+    endless = prefetch.prefetched(itertools.count(), depth=2)
     assert next(endless) == 0
     (worker,) = [t for t in set(threading.enumerate()) - before if t.name == "autoresearch-dataloader"]
     endless.close()  # e.g. the trainer's loop ends: the worker thread must not live on

@@ -13,7 +13,7 @@ mx = pytest.importorskip("mlx.core")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import prepare  # noqa: E402
+from harness import blas  # noqa: E402
 import train_mlx  # noqa: E402
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
@@ -79,7 +79,7 @@ def test_smoke_run_prints_full_summary(builtin_cache):
     assert values["backend"] == "mlx" and values["device"].endswith(("(cpu)", "(gpu)"))
     assert values["dataset"] == "builtin" and values["profile"] == "smoke"
     assert int(values["eval_tokens"]) > 0
-    if sys.platform == "linux" and prepare.bundled_reference_blas() and prepare.find_tuned_blas():
+    if sys.platform == "linux" and blas.bundled_reference_blas() and blas.find_tuned_blas():
         assert "blas: preloaded" in run.stdout  # said once, before anything else
         assert run.stdout.count("blas: preloaded") == 1
 
@@ -202,12 +202,12 @@ def test_nan_loss_fails_fast(capsys):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the bundled reference BLAS is a Linux-wheel thing")
 def test_detects_bundled_reference_blas():
-    bundled = prepare.bundled_reference_blas()
+    bundled = blas.bundled_reference_blas()
     assert bundled is not None and re.search(r"libblas[^/]*\.so", bundled)
-    tuned = prepare.find_tuned_blas()
+    tuned = blas.find_tuned_blas()
     if tuned is not None and "openblas" in tuned:
         # this OpenBLAS knows this CPU unless it reports a generic core: then we name one
-        override = prepare.openblas_coretype_override(tuned)
+        override = blas.openblas_coretype_override(tuned)
         assert override in (None, "SkylakeX", "Haswell")
 
 

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 # Keep in sync with autoresearch/gitops.py PROTECTED_PATHS (a test checks it).
-PROTECTED = ("prepare.py", "pyproject.toml", "uv.lock", "program.md", "autoresearch", "metal_kernels",
+PROTECTED = ("prepare.py", "harness", "pyproject.toml", "uv.lock", "program.md", "autoresearch", "metal_kernels",
              ".claude", "CLAUDE.md")
 WRITE_VERBS = re.compile(r"(^|\s)(sed\s+(-\w*\s+)*-i|perl\s+-\w*i|tee|mv|cp|rm|truncate|dd|ln|chmod|install|"
                          r"git\s+(checkout|restore|rm|mv|apply|am|stash|reset))(\s|$)")
