@@ -41,7 +41,8 @@ from harness.blas import use_tuned_blas  # noqa: F401  (train_mlx.py calls it be
 from harness.devices import peak_flops  # noqa: F401  (the trainers' mfu_percent)
 from harness.download import MAX_SHARD, VAL_SHARD
 from harness.errors import HarnessError
-from harness.integrity import EVAL_REPORT_ENV, HIDDEN_EVAL_FRACTION, write_eval_report as _write_eval_report
+from harness.integrity import HIDDEN_EVAL_FRACTION
+from harness.scorer import SCORER_FD_ENV, evaluate_remote
 
 # ---------------------------------------------------------------------------
 # Constants (fixed, identical to upstream autoresearch: val_bpb stays comparable)
@@ -248,6 +249,11 @@ def ensure_prepared(dataset=None):
     names = {os.path.basename(f) for f in files}
     if not files:
         raise HarnessError(f"no data for dataset {dataset!r} in {data_dir(dataset)}; run `{cmd}` first.")
+    if os.environ.get(SCORER_FD_ENV):
+        # under the runner (sandboxed): the runner checked the data; the validation shard is
+        # the scorer's and unreadable here
+        _verified.add((CACHE_DIR, dataset))
+        return
     if val_filename(dataset) not in names:
         raise HarnessError(f"the validation shard {val_filename(dataset)} of dataset {dataset!r} is missing from "
                            f"{data_dir(dataset)}; run `{cmd}`.")
@@ -536,10 +542,14 @@ def evaluate_bpb(model, tokenizer, batch_size, backend=None):
     nats/byte converted to bits/byte. The rows do not depend on batch_size.
     Before scoring, `check_causality` runs on the first batch: a model whose logits are
     not (B, T, vocab), not finite, or read future tokens raises IntegrityError.
-    Under the autoresearch runner ($AUTORESEARCH_EVAL_REPORT set) the hidden validation
-    slice is scored too and both numbers go to the runner's report, not to the caller.
+    Under the autoresearch runner the trainer cannot read the validation rows: this hands
+    the runner's scorer (harness/scorer.py) logits for the batches it sends, and returns
+    its number; the scorer computes the same cross-entropy, probes causality throughout,
+    and scores the hidden slice for the runner alone.
     """
     backend = backend or _model_backend(model)
+    if os.environ.get(SCORER_FD_ENV):
+        return _evaluate_with_scorer(model, batch_size, backend)
     rows = eval_rows(tokenizer)
     token_bytes = get_token_bytes()
     first = rows[:batch_size]
@@ -547,21 +557,44 @@ def evaluate_bpb(model, tokenizer, batch_size, backend=None):
         first = np.concatenate([first, np.resize(rows, (batch_size - len(first), rows.shape[1]))])
     problem = check_causality(model, first[:, :-1], tokenizer.get_vocab_size(), backend)
     if problem:
-        _write_eval_report({"invalid": problem, "profile": PROFILE.name, "dataset": DATASET})
         print(f"evaluate_bpb: integrity check failed: {problem}", flush=True)
         raise IntegrityError(f"evaluate_bpb refused to score the model: {problem}. "
                              "Fix the model in the training file.")
     bpb = _rows_bpb(model, rows, batch_size, backend, token_bytes)
     _last_eval_tokens[0] = len(rows) * (rows.shape[1] - 1)
-    if os.environ.get(EVAL_REPORT_ENV):
-        record = {"val_bpb": bpb, "eval_tokens": _last_eval_tokens[0], "profile": PROFILE.name,
-                  "dataset": DATASET, "causality": "ok"}
-        hidden = hidden_rows(tokenizer)
-        if len(hidden):
-            record["hidden_bpb"] = _rows_bpb(model, hidden, batch_size, backend, token_bytes)
-            record["hidden_tokens"] = len(hidden) * (hidden.shape[1] - 1)
-        _write_eval_report(record)
     return bpb
+
+
+def _evaluate_with_scorer(model, batch_size, backend):
+    reply = evaluate_remote(int(os.environ[SCORER_FD_ENV]), lambda x: _logit_chunks(model, x, backend), batch_size)
+    if reply.get("op") != "done":
+        problem = reply.get("reason", reply)
+        print(f"evaluate_bpb: the scorer refused the model: {problem}", flush=True)
+        raise IntegrityError(f"evaluate_bpb refused to score the model: {problem}. Fix the model in the training file.")
+    _last_eval_tokens[0] = reply["eval_tokens"]
+    return reply["val_bpb"]
+
+
+def _logit_chunks(model, x, backend):
+    """model(x) for the scorer: the logits' shape, then float32 numpy chunks of positions."""
+    if backend == "mlx":
+        import mlx.core as mx
+        logits = model(mx.array(x))
+        flat = logits.reshape(-1, logits.shape[-1])
+        step = _chunk_tokens(logits.shape[-1])
+        for s in range(0, flat.shape[0], step):
+            chunk = flat[s:s + step].astype(mx.float32)
+            mx.eval(chunk)
+            yield tuple(logits.shape), np.asarray(chunk)
+        return
+    import torch
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    with torch.no_grad():
+        logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(device))
+        flat = logits.reshape(-1, logits.shape[-1])
+        step = _chunk_tokens(logits.shape[-1])
+        for s in range(0, flat.shape[0], step):
+            yield tuple(logits.shape), flat[s:s + step].float().cpu().numpy()
 
 
 def _rows_bpb(model, rows, batch_size, backend, token_bytes):
@@ -668,8 +701,8 @@ def summary_fields(tokenizer=None):
 # ---------------------------------------------------------------------------
 # Evaluation integrity: the causality probe (harness/integrity.py), the hidden validation slice
 # ---------------------------------------------------------------------------
-# Under the runner, each evaluate_bpb call appends what it scored to $AUTORESEARCH_EVAL_REPORT
-# (EVAL_REPORT_ENV), and the runner compares it with the summary the trainer prints.
+# Under the runner, the scorer (harness/scorer.py) probes causality throughout the evaluation
+# and scores the hidden slice; the runner compares its result with the summary the trainer prints.
 
 class IntegrityError(HarnessError):
     """The model broke an evaluation rule (reads future tokens, wrong logits shape, non-finite)."""
@@ -686,7 +719,7 @@ def check_causality(model, x, vocab_size, backend=None):
 def hidden_rows(tokenizer, profile=None, dataset=None):
     """The hidden validation slice: the val rows right after the ones evaluate_bpb scores
     (HIDDEN_EVAL_FRACTION of eval_tokens; fewer, or none, when the val shard runs out).
-    Its bpb goes only to the runner's report: the agent never selects on it, so a gap that
+    Its bpb goes only to the runner's ledger: the agent never selects on it, so a gap that
     grows between it and val_bpb over many keeps shows overfitting to the main slice."""
     profile = profile or PROFILE
     dataset = dataset or DATASET

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import gitops
 from .agents import AGENTS, default_agent_name, make_agent
 from .ledger import Ledger
-from .trainer import BACKENDS, SetupError, Trainer, detect_backend, harness_info
+from .trainer import BACKENDS, SetupError, Trainer, confine, detect_backend, harness_info
 
 DESCRIPTION = """Autonomous research on one training file: an agent edits it, the runner trains
 for the profile's fixed time budget, reads val_bpb, keeps the change if it beat the best
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_decision_args(r)
     add_metric_args(r)
+    add_sandbox_args(r)
 
     n = sub.add_parser("noise", help="measure the noise floor: the current training file run K times with seeds "
                                      "AUTORESEARCH_SEED+i; mean and spread go to the ledger",
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--backend", choices=BACKENDS, default=None, help="as for run")
     n.add_argument("--tag", default=None, help="ledger tag to file the record under (default: current run or today)")
     add_metric_args(n)
+    add_sandbox_args(n)
 
     s = sub.add_parser("status", help="where a run stands: best result, counts, spend, experiment in flight")
     s.add_argument("--tag", default=None, help="run to show (default: the current or most recent run)")
@@ -102,6 +104,14 @@ def add_decision_args(r) -> None:
                    help="re-runs of a candidate inside the noise band (default 2)")
     g.add_argument("--noise-runs", type=int, default=5, metavar="K",
                    help="baseline runs that measure the noise floor when the ledger has none (default 5)")
+
+
+def add_sandbox_args(r) -> None:
+    g = r.add_argument_group("sandbox (every run: bubblewrap on Linux, sandbox-exec on macOS)")
+    g.add_argument("--require-sandbox", action="store_true",
+                   help="refuse to start when no sandbox can run here (default: run unsandboxed and say so)")
+    g.add_argument("--allow-network", action="store_true",
+                   help="let the training file reach the network (default: no network inside the sandbox)")
 
 
 def add_metric_args(r) -> None:
@@ -171,7 +181,8 @@ def cmd_run(args) -> int:
     decide = args.decide or (last_harness.get("decide") or {}).get("rule") or "noise"
     decisions = Decisions(decide, confidence=args.confidence, reruns=args.reruns, noise_runs=args.noise_runs)
     config = RunConfig(tag=tag, backend=backend, max_experiments=args.max_experiments, max_spend=args.max_spend,
-                       max_fix_attempts=args.max_fix_attempts)
+                       max_fix_attempts=args.max_fix_attempts, require_sandbox=args.require_sandbox,
+                       allow_network=args.allow_network)
     if os.environ.get("AUTORESEARCH_OUTAGE_WAIT"):
         config.outage_wait_s = float(os.environ["AUTORESEARCH_OUTAGE_WAIT"])
     runner = Runner(root, config, agent, trainer or Trainer.for_backend(backend), decisions=decisions)
@@ -188,6 +199,7 @@ def cmd_noise(args) -> int:
     else:
         trainer.check()
     harness = trainer.harness(root) if hasattr(trainer, "harness") else harness_info(root)
+    confine(trainer, harness, require_sandbox=args.require_sandbox, allow_network=args.allow_network)
     try:
         tag = resolve_tag(repo, root, args.tag)
     except SetupError:

@@ -7,9 +7,17 @@ repository sees exactly what a human typing git would produce (hooks aside).
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
 from pathlib import Path
 
 import git
+
+# Every git command of the runner: no hooks (a hook is code anyone with write access to
+# .git could have planted; post-commit even runs despite --no-verify) and no replace objects
+# (`git replace` can make `git show` of a kept commit display another file).
+os.environ.update(GIT_NO_REPLACE_OBJECTS="1", GIT_CONFIG_COUNT="1", GIT_CONFIG_KEY_0="core.hooksPath",
+                  GIT_CONFIG_VALUE_0=os.devnull)
 
 BRANCH_PREFIX = "autoresearch/"
 
@@ -19,7 +27,7 @@ PROTECTED_PATHS = ("prepare.py", "harness", "pyproject.toml", "uv.lock", "progra
                    "metal_kernels")
 
 # Untracked outputs of a run; added to .git/info/exclude so they never dirty the tree.
-RUN_OUTPUTS = ("results.tsv", "results.*.tsv", "ledger.jsonl", "run.log", "progress.png")
+RUN_OUTPUTS = ("results.tsv", "results.*.tsv", "ledger.jsonl", "run.log", "run.seed*.log", "progress.png")
 
 
 class GitError(RuntimeError):
@@ -195,3 +203,164 @@ def hash_paths(repo: git.Repo, paths=PROTECTED_PATHS) -> dict[str, str]:
         hashes[rel] = h.hexdigest()
     return hashes
 
+
+
+# -- what a run may not change ------------------------------------------------------------------
+# Inside .git: everything that changes what git runs or shows (refs are compared separately).
+GIT_CONTROL_FILES = ("config", "HEAD", "info", "hooks", "objects/info", "commondir", "shallow")
+_TRACKED_COPY_LIMIT = 16 * 1024 * 1024
+
+
+def run_output_paths(repo_root: Path) -> list[Path]:
+    """The runner's books in the repository (absent inside a sandboxed run)."""
+    out = []
+    for pattern in RUN_OUTPUTS:
+        out += sorted(Path(repo_root).glob(pattern))
+    return out
+
+
+BOOKS = ("ledger.jsonl", "results.tsv", "results.*.tsv")
+
+
+def read_books(repo_root: Path) -> dict[str, bytes]:
+    """The runner's books as they are now (only the runner writes them)."""
+    return {p.name: p.read_bytes() for pattern in BOOKS for p in sorted(Path(repo_root).glob(pattern))}
+
+
+def restore_books(repo_root: Path, books: dict[str, bytes]) -> list[str]:
+    """Put the books back as `read_books` saw them; one line per file a run changed."""
+    changes = []
+    now = read_books(repo_root)
+    for name in sorted(set(books) | set(now)):
+        if books.get(name) == now.get(name):
+            continue
+        p = Path(repo_root) / name
+        if name not in books:
+            changes.append(f"{name} (added)")
+            p.unlink()
+        else:
+            changes.append(f"{name} ({'deleted' if name not in now else 'modified'})")
+            tmp = p.with_name(p.name + ".restore")
+            tmp.write_bytes(books[name])
+            os.replace(tmp, p)
+    return changes
+
+
+def _git(repo_root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True, check=True).stdout
+
+
+def _git_dir(repo_root: Path) -> Path:
+    return Path(repo_root, _git(repo_root, "rev-parse", "--git-dir").strip()).resolve()
+
+
+def _control_files(git_dir: Path) -> dict[str, bytes]:
+    files = {}
+    for name in GIT_CONTROL_FILES:
+        p = git_dir / name
+        if p.is_file():
+            files[name] = p.read_bytes()
+        elif p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() or f.is_symlink():
+                    files[str(f.relative_to(git_dir))] = f.read_bytes() if f.is_file() else b"<link>"
+    return files
+
+
+def _is_run_output(rel: str) -> bool:
+    import fnmatch
+    return "/" not in rel and any(fnmatch.fnmatch(rel, p) for p in RUN_OUTPUTS)
+
+
+def snapshot(repo_root: Path) -> dict:
+    """What a run must leave as it found it: HEAD and every ref, git's control files (config,
+    hooks, info/, alternates), the tracked files' content, and the untracked files (ignored
+    ones too, e.g. a __pycache__ or the venv) by size and mtime. The runner's own books are
+    not part of it."""
+    repo_root = Path(repo_root)
+    git_dir = _git_dir(repo_root)
+    tracked = {}
+    for rel in _git(repo_root, "ls-files", "-z").split("\0"):
+        p = repo_root / rel
+        if rel and p.is_file():
+            data = p.read_bytes()
+            tracked[rel] = (hashlib.sha256(data).hexdigest(), data if len(data) <= _TRACKED_COPY_LIMIT else None)
+    untracked = {}
+    for rel in _git(repo_root, "ls-files", "--others", "-z").split("\0"):
+        if rel and not _is_run_output(rel):
+            try:
+                st = os.lstat(repo_root / rel)
+            except FileNotFoundError:
+                continue
+            untracked[rel] = (st.st_size, st.st_mtime_ns)
+    return {"refs": _git(repo_root, "for-each-ref", "--format=%(refname) %(objectname)"),
+            "control": _control_files(git_dir), "tracked": tracked, "untracked": untracked,
+            "git_dir": str(git_dir)}
+
+
+def undo_changes(repo_root: Path, before: dict) -> list[str]:
+    """Compare the repository with `before`; undo what can be undone (control files, refs,
+    tracked files, new untracked files) and return one line per change ([] = untouched)."""
+    repo_root, git_dir = Path(repo_root), Path(before["git_dir"])
+    changes = []
+    control = _control_files(git_dir)
+    for name in sorted(set(control) | set(before["control"])):
+        old, new = before["control"].get(name), control.get(name)
+        if old == new:
+            continue
+        p = git_dir / name
+        if old is None:
+            changes.append(f".git/{name} (added)")
+            p.unlink()
+        else:
+            changes.append(f".git/{name} ({'deleted' if new is None else 'modified'})")
+            p.parent.mkdir(parents=True, exist_ok=True)
+            if p.is_symlink():
+                p.unlink()
+            p.write_bytes(old)
+    refs_now = _git(repo_root, "for-each-ref", "--format=%(refname) %(objectname)")
+    if refs_now != before["refs"]:
+        old = dict(line.split(" ", 1) for line in before["refs"].splitlines())
+        new = dict(line.split(" ", 1) for line in refs_now.splitlines())
+        for ref in sorted(set(old) | set(new)):
+            if old.get(ref) == new.get(ref):
+                continue
+            changes.append(f"ref {ref} ({'added' if ref not in old else 'deleted' if ref not in new else 'moved'})")
+            if ref in old:
+                _git(repo_root, "update-ref", ref, old[ref])
+            else:
+                _git(repo_root, "update-ref", "-d", ref)
+    for rel, (digest, data) in before["tracked"].items():
+        p = repo_root / rel
+        try:
+            same = p.is_file() and not p.is_symlink() and hashlib.sha256(p.read_bytes()).hexdigest() == digest
+        except OSError:
+            same = False
+        if not same:
+            if data is None:
+                changes.append(f"{rel} (modified; too large to restore)")
+                continue
+            changes.append(f"{rel} (modified)")
+            if p.is_symlink() or p.is_dir():
+                p.unlink() if p.is_symlink() else None
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(data)
+    now = set()
+    for rel in _git(repo_root, "ls-files", "--others", "-z").split("\0"):
+        if rel and not _is_run_output(rel):
+            now.add(rel)
+    for rel in sorted(now - set(before["untracked"]) - set(before["tracked"])):
+        changes.append(f"{rel} (added)")
+        try:
+            (repo_root / rel).unlink()
+        except OSError:
+            pass
+    for rel, stamp in sorted(before["untracked"].items()):
+        try:
+            st = os.lstat(repo_root / rel)
+            if (st.st_size, st.st_mtime_ns) == stamp:
+                continue
+            changes.append(f"{rel} (untracked file modified; cannot be restored)")
+        except FileNotFoundError:
+            changes.append(f"{rel} (untracked file deleted; cannot be restored)")
+    return changes

@@ -18,12 +18,13 @@ results.tsv holds the metric.
 from __future__ import annotations
 
 import math
+import os
 import re
-import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .trainer import RunOutcome, SetupError, Trainer, log_tail
+from .trainer import RunOutcome, SetupError, Trainer, launch, log_tail
 
 DIRECTIONS = ("min", "max")
 DEFAULT_METRIC_BUDGET = 60.0   # seconds a metric command is expected to take; timeout = max(2x, +120 s)
@@ -124,7 +125,7 @@ class MetricTrainer(Trainer):
 
     def run(self, repo_root: Path, log_path: Path, timeout_s: float, on_spawn=None) -> RunOutcome:
         outcome = super().run(repo_root, log_path, timeout_s, on_spawn=on_spawn)
-        if self.judge is not None and outcome.returncode == 0:
+        if self.judge is not None and outcome.returncode == 0 and not outcome.tampered:
             outcome = self._judge(repo_root, log_path, outcome)
         if self.guard and outcome.ok:
             outcome = self._guard(repo_root, log_path, outcome)
@@ -144,21 +145,27 @@ class MetricTrainer(Trainer):
             score, answers = self.judge.score("\n\n".join(parts))
         except JudgeError as e:
             text = self._append(log_path, f"\n[autoresearch] rubric judge failed: {e}\n")
-            return RunOutcome(1, False, outcome.seconds, None, log_tail(text))
+            return RunOutcome(1, False, outcome.seconds, None, log_tail(text), sandbox=outcome.sandbox)
         lines = "".join(f"  {'yes' if a else 'no ':<3}  {c}\n" for c, a in zip(self.judge.criteria, answers))
         text = self._append(log_path, f"\n[autoresearch] rubric: {score}/{len(answers)}\n{lines}")
         summary = {"val_bpb": float(score), "metric": float(score), "rubric": answers}
-        return RunOutcome(0, False, outcome.seconds, summary, log_tail(text))
+        return RunOutcome(0, False, outcome.seconds, summary, log_tail(text), sandbox=outcome.sandbox)
 
     def _guard(self, repo_root: Path, log_path: Path, outcome: RunOutcome) -> RunOutcome:
-        try:
-            proc = subprocess.run(["/bin/sh", "-c", self.guard], cwd=repo_root, capture_output=True, text=True,
-                                  timeout=GUARD_TIMEOUT, stdin=subprocess.DEVNULL)
-            code, output = proc.returncode, proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired:
-            code, output = -1, f"(killed after {GUARD_TIMEOUT:.0f} s)"
+        """The guard runs through the same sandboxed launch path as the metric command."""
+        with tempfile.TemporaryDirectory(prefix="autoresearch-guard-") as d:
+            guard = launch(["/bin/sh", "-c", self.guard], repo_root, Path(d) / "guard.log", GUARD_TIMEOUT,
+                           env={**os.environ, **self.env}, confinement=self.confinement, parse=lambda text: {})
+            output = (Path(d) / "guard.log").read_text(errors="replace")
+        code = -1 if guard.timed_out else guard.returncode
+        if guard.tampered:
+            code = code or 1
         verdict = "passed" if code == 0 else f"FAILED (exit {code})"
+        if guard.timed_out:
+            output += f"(killed after {GUARD_TIMEOUT:.0f} s)"
         text = self._append(log_path, f"\n[autoresearch] guard `{self.guard}` {verdict}\n{output[-8000:]}")
         if code == 0:
-            return RunOutcome(outcome.returncode, False, outcome.seconds, outcome.summary, log_tail(text))
-        return RunOutcome(code if code > 0 else 1, False, outcome.seconds, None, log_tail(text))
+            return RunOutcome(outcome.returncode, False, outcome.seconds, outcome.summary, log_tail(text),
+                              sandbox=outcome.sandbox)
+        return RunOutcome(code if code > 0 else 1, False, outcome.seconds, None, log_tail(text),
+                          sandbox=outcome.sandbox, tampered=guard.tampered)

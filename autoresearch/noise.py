@@ -35,7 +35,7 @@ def with_seed(trainer, seed: int):
 
 
 def measure(trainer, repo_root: Path, runs: int, timeout_s: float, log_dir: Path | None = None,
-            first_seed: int | None = None, before_run: Callable[[], None] | None = None,
+            first_seed: int | None = None,
             check: Callable[[object], str | None] | None = None,
             on_run: Callable[[int, int, object, str | None], None] | None = None,
             on_spawn: Callable[[int], None] | None = None) -> tuple[list[float], list[int], list[str]]:
@@ -48,13 +48,11 @@ def measure(trainer, repo_root: Path, runs: int, timeout_s: float, log_dir: Path
     values, seeds, problems = [], [], []
     for i in range(runs):
         seed = first_seed + i
-        if before_run:
-            before_run()
         outcome = with_seed(trainer, seed).run(repo_root, log_dir / f"run.seed{seed}.log", timeout_s,
                                                on_spawn=on_spawn)
         problem = None
         if not outcome.ok:
-            problem = "timed out" if outcome.timed_out else f"crashed (exit {outcome.returncode})"
+            problem = outcome.problem
         elif check:
             problem = check(outcome)
         if on_run:
@@ -62,7 +60,7 @@ def measure(trainer, repo_root: Path, runs: int, timeout_s: float, log_dir: Path
         if problem:
             problems.append(f"seed {seed}: {problem}")
             continue
-        values.append(outcome.summary["val_bpb"])
+        values.append(outcome.value)
         seeds.append(seed)
     return values, seeds, problems
 
@@ -98,7 +96,7 @@ def cmd_noise(args, trainer, harness: dict, ledger, repo_root: Path, out=print) 
     out(f"Running {trainer.training_file} {runs} times (seeds {base_seed()}..{base_seed() + runs - 1}, {target}).")
 
     def on_run(i, seed, outcome, problem):
-        shown = f"{outcome.summary['val_bpb']:.6f}" if outcome.ok else "-"
+        shown = f"{outcome.value:.6f}" if outcome.ok else "-"
         out(f"  run {i + 1}/{runs} seed {seed}: {shown} ({outcome.seconds:.1f} s)" + (f"  {problem}" if problem else ""))
 
     values, seeds, problems = measure(trainer, repo_root, runs, timeout, on_run=on_run)

@@ -4,7 +4,6 @@
 noise floor (noise.py) behind four calls the runner makes:
 
   setup(runner)           after the harness is known (start, resume): report file, noise floor
-  before_run()            before every trainer process: clears the harness report
   duplicate(...)          before committing a candidate: identical files are never run twice
   baseline(...) / judge(...)  after a run: status and the extra ledger fields
 
@@ -20,9 +19,10 @@ from pathlib import Path
 
 from . import gitops
 from .agents import AgentFailed
+from .faults import crash_point
 from .decide import (DEFAULT_CONFIDENCE, DEFAULT_NOISE_RUNS, DEFAULT_RERUNS, Greedy, NoiseAware, best_of,
                      blob_id, duplicate_of, noise_floor)
-from .integrity import REPORT_ENV, check_summary, harness_verdict, hidden_of, read_reports
+from .integrity import check_summary, scored_fields
 from .noise import base_seed, format_noise, measure, noise_record, with_seed
 
 RERUN_LOGS = ("run.seed*.log",)
@@ -38,21 +38,16 @@ class Decisions:
         self.reruns = reruns
         self.noise_runs = noise_runs
         self.decider = Greedy()
-        self.report_path: Path | None = None
-        self.reports_required = False
+        self.scorer_required = False
         self.runner = None
         self.floor: dict | None = None     # the noise record the rule uses
 
     # -- set-up ----------------------------------------------------------------------------
     def setup(self, runner) -> None:
         self.runner = runner
-        self.report_path = Path(runner.repo.git_dir) / "autoresearch-eval.jsonl"
-        runner.trainer.env[REPORT_ENV] = str(self.report_path)
-        # prepare.py (protected, hash-checked) writes the report if it has the hook
-        harness_file = runner.repo_root / "prepare.py"
-        if harness_file.exists() and REPORT_ENV in harness_file.read_text(errors="replace"):
-            runner.harness["eval_report"] = True
-        self.reports_required = bool(runner.harness.get("eval_report"))
+        # val_bpb runs of a prepare.py that speaks the scorer protocol are scored by the
+        # runner's scorer; general mode and harnesses without it are checked on their summary
+        self.scorer_required = bool(runner.trainer.confinement.scorer)
         runner.harness["decide"] = {"rule": self.rule, "confidence": self.confidence, "reruns": self.reruns,
                                     "noise_runs": self.noise_runs}
         gitops.exclude_run_outputs(runner.repo, RERUN_LOGS)
@@ -83,14 +78,10 @@ class Decisions:
             return f"noise-aware (noise floor measured on the baseline: {self.noise_runs} runs)"
         return "greedy (strictly better)"
 
-    def before_run(self) -> None:
-        if self.report_path is not None and self.report_path.exists():
-            self.report_path.unlink()
-
     # -- checks ----------------------------------------------------------------------------
     def _expected_eval_tokens(self) -> int | None:
-        if self.reports_required:
-            return None    # the harness report is checked instead
+        if self.scorer_required:
+            return None    # the scorer's count is checked instead
         r = self.runner
         base = [x for x in r.ledger.results() if x.get("baseline") and x.get("status") == "keep"]
         if base and isinstance((base[0].get("summary") or {}).get("eval_tokens"), int):
@@ -99,8 +90,8 @@ class Decisions:
 
     def check(self, outcome) -> str | None:
         """Why a finished run's summary must not be scored, or None."""
-        return check_summary(outcome.summary, self.runner.harness, read_reports(self.report_path),
-                             self._expected_eval_tokens(), self.reports_required)
+        return check_summary(outcome.summary, self.runner.harness, outcome.scored,
+                             self._expected_eval_tokens(), self.scorer_required)
 
     def duplicate(self, exp: int, description: str, best_commit: str, **fields) -> bool:
         """If the edited file is identical to one already run, log that result again (not
@@ -121,10 +112,10 @@ class Decisions:
 
     # -- decisions -------------------------------------------------------------------------
     def _failed(self, outcome) -> tuple[str, dict]:
-        reports = read_reports(self.report_path)
-        refused = harness_verdict(reports)
-        if refused:
-            return "invalid", {"invalid_reason": refused}
+        if outcome.tampered:
+            return "invalid", {"invalid_reason": "the run changed " + "; ".join(outcome.tampered[:5]) + " (undone)"}
+        if outcome.scored and outcome.scored.get("invalid"):
+            return "invalid", {"invalid_reason": f"scorer: {outcome.scored['invalid']}"}
         tail = outcome.log_tail or ""
         if "[autoresearch] guard" in tail and "FAILED" in tail:
             return "crash", {"note": "guard failed"}
@@ -137,11 +128,11 @@ class Decisions:
             return self._failed(outcome)
         problem = self.check(outcome)
         if problem:
-            return "invalid", {"invalid_reason": problem, "val_bpb": None}
+            # the logged number is the scorer's, whatever the summary claimed
+            return "invalid", {"invalid_reason": problem, "val_bpb": (outcome.scored or {}).get("val_bpb")}
         r = self.runner
         return None, {"blob": blob_id(r.repo_root, r.training_file), "decide": rule_name,
-                      **hidden_of(read_reports(self.report_path), outcome.summary["val_bpb"]),
-                      **self._direction_field()}
+                      **scored_fields(outcome.scored), **self._direction_field()}
 
     def baseline(self, exp: int, outcome) -> tuple[str, dict]:
         """The baseline's status and fields; with the noise rule and no comparable noise floor,
@@ -150,7 +141,7 @@ class Decisions:
         if status:
             return status, extra
         r = self.runner
-        value = outcome.summary["val_bpb"]
+        value = outcome.value
         floor = self.floor
         if floor is not None and floor.get("blob") == extra["blob"] and floor.get("values"):
             # the noise floor was measured on this very file: its runs are baseline runs too
@@ -165,10 +156,10 @@ class Decisions:
                   f"(seeds {seed + 1}..{seed + self.noise_runs - 1})")
             values, seeds, problems = measure(
                 r.trainer, r.repo_root, self.noise_runs - 1, r._timeout(), first_seed=seed + 1,
-                before_run=self.before_run, check=self.check,
+                check=self.check,
                 on_spawn=lambda pid: r.ledger.append("spawn", exp=exp, pgid=pid),
                 on_run=lambda i, s, o, p: r.out(f"[{exp}]   seed {s}: "
-                                                + (f"{o.summary['val_bpb']:.6f}" if o.ok else "-")
+                                                + (f"{o.value:.6f}" if o.ok else "-")
                                                 + (f"  {p}" if p else "")))
             values, seeds = [value] + values, [seed] + seeds
             record = noise_record(r.ledger, r.trainer, r.harness, r.config.backend, values, seeds, problems,
@@ -188,7 +179,7 @@ class Decisions:
         if status:
             return status, extra
         r = self.runner
-        value = outcome.summary["val_bpb"]
+        value = outcome.value
         best = best_of(r.ledger.best())
         if best is None:     # no kept baseline (cannot happen in the loop; be safe)
             return "keep", extra
@@ -199,17 +190,16 @@ class Decisions:
         def on_spawn(pid: int) -> None:
             r.ledger.append("spawn", exp=exp, pgid=pid)   # --resume kills an orphaned re-run too
             if os.environ.get("AUTORESEARCH_CRASH_AT", "").partition("@")[0] == "during_rerun":
-                from .runner import crash_point
                 time.sleep(0.3)
                 crash_point("during_rerun", exp)
 
         def rerun(i: int) -> float | None:
-            self.before_run()
             o = with_seed(r.trainer, seed + i).run(r.repo_root, r.repo_root / f"run.seed{seed + i}.log",
                                                    r._timeout(), on_spawn=on_spawn)
-            problem = (self.check(o) if o.ok else ("timed out" if o.timed_out else f"crashed (exit {o.returncode})"))
-            v = o.summary["val_bpb"] if o.ok and not problem else None
-            r.ledger.append("rerun", exp=exp, seed=seed + i, val_bpb=v, problem=problem, seconds=round(o.seconds, 2))
+            problem = self.check(o) if o.ok else o.problem
+            v = o.value if o.ok and not problem else None
+            r.ledger.append("rerun", exp=exp, seed=seed + i, val_bpb=v, problem=problem, seconds=round(o.seconds, 2),
+                            sandbox=o.sandbox)
             r.out(f"[{exp}]   re-run seed {seed + i}: " + (f"{v:.6f}" if v is not None else f"- ({problem})"))
             return v
 

@@ -22,7 +22,6 @@ there without touching the git/ledger/resume machinery.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,9 +31,10 @@ from typing import Callable
 from . import gitops
 from .agents import (Agent, AgentFailed, AgentUnavailable, BudgetExhausted, Context, Objective, Proposal,
                      make_digest)
+from .faults import crash_point
 from .ledger import Ledger
 from .policy import Decisions
-from .trainer import SetupError, Trainer, group_alive, harness_info, kill_group, timeout_for
+from .trainer import SetupError, Trainer, confine, group_alive, harness_info, kill_group, timeout_for
 
 
 class RunStopped(RuntimeError):
@@ -49,17 +49,6 @@ def decide_greedy(val_bpb: float, best_val_bpb: float) -> str:
     return "keep" if val_bpb < best_val_bpb else "discard"
 
 
-def crash_point(name: str, exp: int) -> None:
-    """Fault injection for tests: AUTORESEARCH_CRASH_AT=name or name@exp kills this process
-    with SIGKILL at that point, exactly like `kill -9` would."""
-    want = os.environ.get("AUTORESEARCH_CRASH_AT")
-    if not want:
-        return
-    point, _, at = want.partition("@")
-    if point == name and (not at or int(at) == exp):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 @dataclass
 class RunConfig:
     tag: str
@@ -71,6 +60,9 @@ class RunConfig:
     outage_max_wait_s: float = 600.0         # longest single pause
     outage_give_up_s: float = 12 * 3600.0    # a longer outage ends the run (resumable)
     max_agent_failures: int = 5              # consecutive proposals without a usable edit
+    sandbox: str | None = None               # None: the best this machine has; "none": unsandboxed
+    require_sandbox: bool = False            # refuse to start without a sandbox
+    allow_network: bool = False              # let runs reach the network
 
 
 @dataclass
@@ -117,6 +109,7 @@ class Runner:
         self._check_training_file()
         # a Trainer may describe its own target (general mode); else ask prepare.py
         self.harness = getattr(self.trainer, 'harness', harness_info)(self.repo_root)
+        self._confine()
         self.decisions.setup(self)
         self.agent.check()
         gitops.exclude_run_outputs(self.repo)
@@ -162,6 +155,7 @@ class Runner:
         self._check_training_file()
         # a Trainer may describe its own target (general mode); else ask prepare.py
         self.harness = getattr(self.trainer, 'harness', harness_info)(self.repo_root)
+        self._confine()
         self.decisions.setup(self)
         self.agent.check()
         gitops.exclude_run_outputs(self.repo)
@@ -230,6 +224,17 @@ class Runner:
             return True          # leader gone (or no /proc): the group is what is left of ours
         except OSError:
             return False
+
+    def _confine(self) -> None:
+        c = confine(self.trainer, self.harness, self.config.sandbox, self.config.require_sandbox,
+                    self.config.allow_network)
+        if c.sandbox == "none":
+            self.out(f"Runs are UNSANDBOXED: {c.reason}. The training file runs with your permissions "
+                     "(--require-sandbox makes this an error).")
+        else:
+            self.out(f"Sandbox: {c.sandbox} (read-only repository, no .git, books or validation shard, "
+                     f"{'network allowed' if c.allow_network else 'no network'})"
+                     + ("; val_bpb from the trusted scorer." if c.scorer else "."))
 
     def _record_protected(self) -> None:
         self.protected = gitops.hash_paths(self.repo)
@@ -458,7 +463,6 @@ class Runner:
         return None
 
     def _train(self, exp: int):
-        self.decisions.before_run()
 
         def on_spawn(pid: int) -> None:
             self.ledger.append("spawn", exp=exp, pgid=pid)
@@ -469,14 +473,14 @@ class Runner:
 
     def _finish(self, exp, commit, status, description, outcome, **extra) -> None:
         s = outcome.summary or {}
-        val = extra.pop("val_bpb") if "val_bpb" in extra else (s.get("val_bpb") if outcome.ok else None)
+        val = extra.pop("val_bpb") if "val_bpb" in extra else (outcome.value if outcome.ok else None)
         mem = s.get("peak_vram_mb") / 1024 if isinstance(s.get("peak_vram_mb"), float) and outcome.ok else None
         judged = self._judge_spend() - self._judge_mark     # every scoring of this experiment, re-runs too
         if judged > 0:
             extra["judge_cost_usd"] = judged
         self._write_result(exp, commit, status, description, val_bpb=val, memory_gb=mem,
                            run_seconds=round(outcome.seconds, 2), returncode=outcome.returncode,
-                           timed_out=outcome.timed_out, summary=s, **extra)
+                           timed_out=outcome.timed_out, summary=s, sandbox=outcome.sandbox, **extra)
         best = self._best_val()
         shown = f"{val:.6f}" if val is not None else "-"
         self.out(f"[{exp}] {self.objective.name} {shown}  {status}  (best {best:.6f})"

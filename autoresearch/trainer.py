@@ -14,12 +14,18 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+from . import gitops
+
+SCORER_FD_ENV = "AUTORESEARCH_SCORER_FD"   # = harness.scorer.SCORER_FD_ENV
 
 BACKENDS = ("mlx", "cuda")
 TRAINING_FILES = {"mlx": "train_mlx.py", "cuda": "train.py"}
@@ -88,12 +94,31 @@ class RunOutcome:
     seconds: float
     summary: dict | None
     log_tail: str
+    sandbox: str = "none"           # how the run was confined: bwrap | sandbox-exec | none
+    scored: dict | None = None      # the trusted scorer's result, when the run was scored by it
+    tampered: list = field(default_factory=list)   # what the run changed outside its scratch (undone)
 
     @property
     def ok(self) -> bool:
-        """A usable result: clean exit and a finite val_bpb."""
-        return (self.returncode == 0 and self.summary is not None
+        """A usable result: clean exit, a finite val_bpb, nothing tampered with."""
+        return (self.returncode == 0 and self.summary is not None and not self.tampered
                 and math.isfinite(self.summary["val_bpb"]))
+
+    @property
+    def value(self) -> float:
+        """The number that decides: the scorer's when it scored the run, else the summary's."""
+        if self.scored and isinstance(self.scored.get("val_bpb"), float):
+            return self.scored["val_bpb"]
+        return self.summary["val_bpb"]
+
+    @property
+    def problem(self) -> str:
+        """One line on why the run gave no usable result."""
+        if self.tampered:
+            return "changed " + "; ".join(self.tampered[:3]) + " (undone)"
+        if self.scored and self.scored.get("invalid"):
+            return f"scorer: {self.scored['invalid']}"
+        return "timed out" if self.timed_out else f"crashed (exit {self.returncode})"
 
 
 @dataclass
@@ -103,6 +128,7 @@ class Trainer:
     command: list[str]
     parse: Callable[[str], dict | None] = parse_summary
     env: dict = field(default_factory=dict)
+    confinement: "Confinement" = field(default_factory=lambda: Confinement())
 
     @classmethod
     def for_backend(cls, backend: str) -> "Trainer":
@@ -115,15 +141,60 @@ class Trainer:
 
     def run(self, repo_root: Path, log_path: Path, timeout_s: float,
             on_spawn: Callable[[int], None] | None = None) -> RunOutcome:
-        """Train once: its own process group, all output to log_path, the whole group
-        killed at the timeout (and after a normal exit, in case it left children)."""
-        env = {**os.environ, **self.env}
+        """Launch one run and return its scored outcome: see `launch`."""
+        return launch(self.command, repo_root, log_path, timeout_s, env={**os.environ, **self.env},
+                      confinement=self.confinement, parse=self.parse, on_spawn=on_spawn)
+
+
+@dataclass
+class Confinement:
+    """How the runner confines every run it starts (the same for local and remote runs)."""
+    sandbox: str | None = None        # bwrap | sandbox-exec | none; None: detect at the first run
+    reason: str = ""                  # why there is no sandbox, when there is none
+    require_sandbox: bool = False
+    allow_network: bool = False
+    scorer: bool = False              # val_bpb runs: score with the trusted scorer (harness/scorer.py)
+    readable: tuple = ()              # data the run may read (training shards, tokenizer)
+    hidden: tuple = ()                # paths that must be absent in the run (the validation shard)
+    harness_env: dict = field(default_factory=dict)   # pins the run's cache root and dataset
+
+
+def launch(command: list[str], repo_root: Path, log_path: Path, timeout_s: float, env: dict,
+           confinement: Confinement, parse: Callable[[str], dict | None] = parse_summary,
+           on_spawn: Callable[[int], None] | None = None) -> RunOutcome:
+    """The one launch-and-score path: sandbox the command, start the trusted scorer beside it
+    (val_bpb runs), train in its own process group with all output to log_path, kill the
+    whole group at the timeout, then check that the run changed nothing outside its scratch
+    (undoing what it did) and read the scorer's result."""
+    from harness import sandbox as sandboxes
+    repo_root = Path(repo_root).resolve()
+    private = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
+    before = gitops.snapshot(repo_root)
+    scorer = None
+    try:
+        sb = sandboxes.plan(repo_root, private / "scratch", readable=confinement.readable,
+                            hidden=[*confinement.hidden, *gitops.run_output_paths(repo_root)],
+                            allow_network=confinement.allow_network, require=confinement.require_sandbox,
+                            kind=confinement.sandbox)
+        run_env = sb.env({**env, **confinement.harness_env})
+        pass_fds = ()
+        if confinement.scorer:
+            scorer, trainer_end = _start_scorer(repo_root, private, {**env, **confinement.harness_env})
+            run_env[SCORER_FD_ENV] = str(trainer_end.fileno())
+            pass_fds = (trainer_end.fileno(),)
         t0 = time.monotonic()
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(self.command, cwd=repo_root, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            if sb.kind == "none":
+                log.write(f"[autoresearch] unsandboxed run: {confinement.reason or sb.reason}\n".encode())
+                log.flush()
+            proc = subprocess.Popen(sb.wrap(command), cwd=repo_root, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=run_env, start_new_session=True,
+                                    pass_fds=pass_fds)
+            if confinement.scorer:
+                trainer_end.close()      # the trainer holds its end; the scorer sees EOF when it exits
             if on_spawn:
                 on_spawn(proc.pid)
+            books = gitops.read_books(repo_root)     # after the runner's own spawn record
             timed_out = False
             try:
                 proc.wait(timeout=timeout_s)
@@ -138,14 +209,59 @@ class Trainer:
             finally:
                 kill_group(proc.pid, grace_s=0.0)
         seconds = time.monotonic() - t0
+        scored = _finish_scorer(scorer) if scorer else None
+        scorer = None
         text = log_path.read_text(errors="replace")
         if timed_out:
-            text += f"\n[autoresearch] killed after {timeout_s:.0f} s (timeout)\n"
+            note = f"\n[autoresearch] killed after {timeout_s:.0f} s (timeout)\n"
+            text += note
             with open(log_path, "a") as f:
-                f.write(f"\n[autoresearch] killed after {timeout_s:.0f} s (timeout)\n")
-        summary = None if timed_out else self.parse(text)
-        return RunOutcome(None if timed_out else proc.returncode, timed_out, seconds, summary,
-                          log_tail(text))
+                f.write(note)
+        tampered = gitops.restore_books(repo_root, books) + gitops.undo_changes(repo_root, before)
+        if tampered:
+            note = "\n[autoresearch] the run changed " + "; ".join(tampered) + " (undone; the run is invalid)\n"
+            text += note
+            with open(log_path, "a") as f:
+                f.write(note)
+        summary = None if timed_out else parse(text)
+        return RunOutcome(None if timed_out else proc.returncode, timed_out, seconds, summary, log_tail(text),
+                          sandbox=sb.kind, scored=scored, tampered=tampered)
+    finally:
+        if scorer:
+            scorer[0].kill()
+            scorer[0].wait()
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _start_scorer(repo_root: Path, private: Path, env: dict):
+    """The scorer process (not sandboxed; it never runs the training file) and the socket end
+    the trainer inherits. Its .pyc cache is private: a .pyc left in the repository is never read."""
+    runner_end, trainer_end = socket.socketpair()
+    env = {**env, "PYTHONPYCACHEPREFIX": str(private / "scorer-pycache"), "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop(SCORER_FD_ENV, None)
+    proc = subprocess.Popen([sys.executable, "-B", "-m", "harness.scorer", "--fd", str(runner_end.fileno())],
+                            cwd=repo_root, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=open(private / "scorer.log", "wb"), pass_fds=(runner_end.fileno(),),
+                            start_new_session=True)
+    runner_end.close()
+    return (proc, private / "scorer.log"), trainer_end
+
+
+def _finish_scorer(scorer, wait_s: float = 60.0) -> dict:
+    proc, errors = scorer
+    try:
+        out, _ = proc.communicate(timeout=wait_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return {"invalid": f"the scorer did not finish within {wait_s:.0f} s of the run's end"}
+    lines = out.decode(errors="replace").strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        tail = errors.read_text(errors="replace").strip().splitlines()[-3:]
+        return {"error": "the scorer failed: " + (" | ".join(tail) or f"exit {proc.returncode}")}
+    return result
 
 
 def log_tail(text: str, lines: int = 50) -> str:
@@ -193,7 +309,7 @@ def timeout_for(time_budget_s: float) -> float:
 
 # -- the harness check ---------------------------------------------------------------------
 _HARNESS_PROBE = r"""
-import json, sys
+import json, os, sys
 sys.path.insert(0, '.')
 try:
     import prepare
@@ -203,9 +319,13 @@ try:
     prepare.ensure_prepared()
 except prepare.HarnessError as e:
     print(json.dumps({"error": "harness", "message": str(e)})); sys.exit(0)
-p = prepare.PROFILE
-print(json.dumps({"profile": p.name, "seq_len": p.seq_len, "time_budget": p.time_budget,
-                  "eval_tokens": p.eval_tokens, "dataset": prepare.DATASET}))
+p, d = prepare.PROFILE, prepare.DATASET
+info = {"profile": p.name, "seq_len": p.seq_len, "time_budget": p.time_budget, "eval_tokens": p.eval_tokens,
+        "dataset": d, "scorer": hasattr(prepare, "SCORER_FD_ENV")}
+if hasattr(prepare, "data_dir"):   # where the sandbox finds the data (a fake harness has none)
+    info.update(cache_dir=prepare.CACHE_DIR, data_dir=prepare.data_dir(d), tokenizer_dir=prepare.tokenizer_dir(d),
+                val_path=os.path.join(prepare.data_dir(d), prepare.val_filename(d)))
+print(json.dumps(info))
 """
 
 
@@ -225,3 +345,32 @@ def harness_info(repo_root: Path) -> dict:
     if info.get("error") == "import":
         raise SetupError(f"cannot import prepare.py ({info['message']}): run `uv sync` first.")
     return info
+
+
+def confine(trainer: Trainer, harness: dict, sandbox: str | None = None, require_sandbox: bool = False,
+            allow_network: bool = False) -> Confinement:
+    """Set how every run of `trainer` is confined: the sandbox, and for val_bpb runs the data
+    it may read (training shards, tokenizer), the validation shard it may not, and the scorer."""
+    if sandbox is None and os.environ.get("AUTORESEARCH_SANDBOX", "auto") not in ("", "auto"):
+        sandbox = os.environ["AUTORESEARCH_SANDBOX"]
+        if sandbox != "none":
+            raise SetupError(f"AUTORESEARCH_SANDBOX={sandbox!r}: use auto (the default) or none.")
+    c = Confinement(sandbox=sandbox, require_sandbox=require_sandbox, allow_network=allow_network)
+    if harness.get("mode") != "metric" and harness.get("data_dir"):
+        c.readable = (harness["data_dir"], harness["tokenizer_dir"])
+        c.hidden = (harness["val_path"],)
+        c.harness_env = {"AUTORESEARCH_CACHE": harness["cache_dir"], "AUTORESEARCH_DATASET": harness["dataset"]}
+        c.scorer = bool(harness.get("scorer"))
+    trainer.confinement = c
+    if sandbox is None:
+        from harness.sandbox import detect
+        c.sandbox, c.reason = detect(allow_network)
+    elif sandbox == "none":
+        c.reason = "turned off (AUTORESEARCH_SANDBOX=none)"
+    if c.sandbox == "none" and require_sandbox:
+        raise SetupError(f"--require-sandbox: no sandbox can run here: {c.reason}. Install bubblewrap "
+                         "(apt install bubblewrap) or drop --require-sandbox.")
+    harness["sandbox"] = c.sandbox
+    if c.reason:
+        harness["sandbox_reason"] = c.reason
+    return c

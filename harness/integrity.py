@@ -1,17 +1,13 @@
-"""Evaluation integrity: the causality probe and the runner's report.
+"""Evaluation integrity in process: the causality probe of a plain `uv run train_mlx.py`.
 
-The trainer is agent-edited and runs the model; these checks run in the harness, before
-the score (prepare.evaluate_bpb calls them). The autoresearch runner sets EVAL_REPORT_ENV
-to a file: each evaluate_bpb call appends one JSON line (what it scored, the verdict, the
-hidden slice) that the runner compares with the summary the trainer prints.
+The trainer is agent-edited and runs the model; this check runs in the harness, before the
+score (prepare.evaluate_bpb calls it). Under the runner the trusted scorer
+(harness/scorer.py) probes causality throughout the evaluation instead.
 """
 import itertools
-import json
-import os
 
 import numpy as np
 
-EVAL_REPORT_ENV = "AUTORESEARCH_EVAL_REPORT"
 HIDDEN_EVAL_FRACTION = 0.25  # hidden slice: this fraction of eval_tokens, the val rows right after the scored ones
 CAUSALITY_RTOL = 1e-4        # allowed change of a logit fingerprint, relative to its scale
 
@@ -82,12 +78,3 @@ def check_causality(model, x, vocab_size, backend, chunk_tokens):
             return (f"the logits at position {p} changed when only tokens from position {t} on changed: "
                     f"the model reads future tokens (not causal)")
     return None
-
-
-def write_eval_report(record):
-    """Append one JSON line to the runner's report file, if the runner asked for one."""
-    path = os.environ.get(EVAL_REPORT_ENV)
-    if not path:
-        return
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")

@@ -448,13 +448,15 @@ def test_program_md_states_the_integrity_checks_and_the_keep_rule():
     invalid), the harness's eval size and numbers, the hidden slice, and the default noise
     rule's re-run of a small gain (program.md is the agents' system prompt)."""
     from autoresearch.cli import build_parser
-    from autoresearch.integrity import REPORT_ENV
+    from harness.scorer import SCORER_FD_ENV
     text = " ".join((PROJECT / "program.md").read_text().split())
-    assert "logits at position t depend on tokens after t is scored **invalid**" in text
-    assert "picks the validation rows and the number of eval tokens" in text
+    assert "logits at position t depend on tokens after t, even only sometimes, is scored **invalid**" in text
+    assert "picks the validation rows, their order and the number of eval tokens" in text
+    assert "runs in an OS sandbox" in text and "validation shard is unreadable" in text
     assert "hidden validation slice" in text.lower() and "kept runs" in text
     assert "a gain smaller than it is re-run with new seeds" in text and "`--decide noise`" in text
-    # the facts behind the text: the harness reports to the runner; noise is the CLI's default rule
-    assert REPORT_ENV in (PROJECT / "prepare.py").read_text()
+    # the facts behind the text: under the runner prepare.py hands logits to the scorer; noise
+    # is the CLI's default rule
+    assert "SCORER_FD_ENV" in (PROJECT / "prepare.py").read_text() and SCORER_FD_ENV == "AUTORESEARCH_SCORER_FD"
     args = build_parser().parse_args(["run"])
     assert args.decide is None and args.reruns > 0     # None = noise (cmd_run), small gains re-run

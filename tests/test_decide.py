@@ -107,6 +107,7 @@ def noisy_repo(tmp_path, monkeypatch, name="p"):
     repo.git.add("train_mlx.py")
     repo.git.commit("-q", "-m", "noisy trainer")
     monkeypatch.setenv("NOISY_STATE", str(tmp_path / f"{name}.state"))
+    monkeypatch.setenv("AUTORESEARCH_SANDBOX", "none")   # the stand-in counts its runs in a file outside the repo
     monkeypatch.setenv("NOISY_SIGMA", str(SIGMA))
     return d
 
@@ -226,7 +227,7 @@ def test_noise_command_records_the_floor_and_run_uses_it(tmp_path):
     repo = git.Repo(d)
     repo.git.add("train_mlx.py")
     repo.git.commit("-q", "-m", "noisy trainer")
-    env = cli_env(NOISY_STATE=str(tmp_path / "state"), NOISY_SIGMA="0.03", AUTORESEARCH_SEED="7")
+    env = cli_env(AUTORESEARCH_SANDBOX="none", NOISY_STATE=str(tmp_path / "state"), NOISY_SIGMA="0.03", AUTORESEARCH_SEED="7")
     r = run_cli(d, "noise", "--runs", "4", "--backend", "mlx", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     rec = ledger_records(d, "noise")[-1]
@@ -256,7 +257,7 @@ def test_kill_during_a_rerun_resumes_with_nothing_lost(tmp_path):
     shutil.copy(NOISY, d / "train_mlx.py")
     repo = git_repo(d)
     # baseline runs 0, 1; the candidate's first run 2 is inside the noise band; re-run 3 hangs
-    env = cli_env(NOISY_STATE=str(tmp_path / "state"), NOISY_VALUES="0.0,0.06,0.25", NOISY_SLOW_RUNS="3",
+    env = cli_env(AUTORESEARCH_SANDBOX="none", NOISY_STATE=str(tmp_path / "state"), NOISY_VALUES="0.0,0.06,0.25", NOISY_SLOW_RUNS="3",
                   AUTORESEARCH_CRASH_AT="during_rerun@1")
     r = run_cli(d, "run", "--agent", "hparam", "--backend", "mlx", "--tag", "k", "--max-experiments", "2",
                 "--noise-runs", "2", env=env)

@@ -1,5 +1,5 @@
-"""Evaluation integrity: the harness's causality/shape/finiteness check, the hidden slice and
-the runner's report, and the runner refusing summaries that do not match what was evaluated.
+"""Evaluation integrity: the harness's causality/shape/finiteness check, the hidden slice, and
+the runner refusing summaries that do not match what the trusted scorer computed.
 
 Harness checks use real MLX and torch models; loop checks use real git repositories in temp
 dirs with stand-in trainers run as real subprocesses (on the fake harness, and on the real
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import prepare
-from autoresearch.integrity import check_summary, hidden_of
+from autoresearch.integrity import check_summary, scored_fields
 from autoresearch.policy import Decisions
 from autoresearch.runner import RunConfig, Runner, run
 from autoresearch.trainer import Trainer
@@ -85,7 +85,7 @@ def test_causality_check_torch():
     assert "not causal" in prepare.check_causality(TorchModel(True), tokens(), V)
 
 
-def test_evaluate_bpb_refuses_a_peeking_model_and_reports_to_the_runner(builtin_cache, monkeypatch, tmp_path):
+def test_evaluate_bpb_refuses_a_peeking_model_in_process(builtin_cache, monkeypatch):
     for k, v in builtin_cache.items():
         monkeypatch.setenv(k, v)
     import importlib
@@ -93,46 +93,39 @@ def test_evaluate_bpb_refuses_a_peeking_model_and_reports_to_the_runner(builtin_
     try:
         tok = p.Tokenizer.from_directory()
         vocab = tok.get_vocab_size()
-        report = tmp_path / "eval.jsonl"
-        monkeypatch.setenv(p.EVAL_REPORT_ENV, str(report))
         mx.random.seed(0)
-        honest = Causal(vocab=vocab)
-        bpb = p.evaluate_bpb(honest, tok, 16)
-        line = json.loads(report.read_text().splitlines()[-1])
-        assert line["val_bpb"] == bpb and line["eval_tokens"] == p.summary_fields()["eval_tokens"]
-        assert line["profile"] == "smoke" and line["dataset"] == "builtin" and line["causality"] == "ok"
-        assert line["hidden_tokens"] > 0 and np.isfinite(line["hidden_bpb"]) and line["hidden_bpb"] != bpb
+        bpb = p.evaluate_bpb(Causal(vocab=vocab), tok, 16)
+        assert np.isfinite(bpb) and p.summary_fields()["eval_tokens"] == 64 * 256
         # the hidden slice: rows after the scored ones, none shared
         main, hidden = p.eval_rows(tok), p.hidden_rows(tok)
         assert len(hidden) == int(p.PROFILE.eval_tokens * p.HIDDEN_EVAL_FRACTION) // p.PROFILE.seq_len
         seen = {r.tobytes() for r in main}
         assert not any(r.tobytes() in seen for r in hidden)
-        # a model that reads the next token: refused before scoring, reason in the report
+        # a model that reads the next token: refused before scoring
         with pytest.raises(p.IntegrityError, match="reads future tokens"):
             p.evaluate_bpb(Causal(vocab=vocab, peek=1), tok, 16)
-        assert "not causal" in json.loads(report.read_text().splitlines()[-1])["invalid"]
     finally:
         for k in builtin_cache:
             monkeypatch.delenv(k)
-        monkeypatch.delenv(prepare.EVAL_REPORT_ENV, raising=False)
         importlib.reload(prepare)
 
 
 def test_check_summary_rules():
     harness = {"profile": "smoke", "dataset": "builtin"}
     s = {"val_bpb": 1.234567, "profile": "smoke", "dataset": "builtin", "eval_tokens": 16384}
-    good = [{"val_bpb": 1.2345671, "eval_tokens": 16384, "profile": "smoke", "dataset": "builtin",
-             "hidden_bpb": 1.3, "hidden_tokens": 4096}]
+    good = {"val_bpb": 1.2345671, "eval_tokens": 16384, "profile": "smoke", "dataset": "builtin",
+            "hidden_bpb": 1.3, "hidden_tokens": 4096, "probes": 8}
     assert check_summary(s, harness, good, None, True) is None
-    assert hidden_of(good, 1.234567) == {"hidden_bpb": 1.3, "hidden_tokens": 4096}
+    assert scored_fields(good) == {"hidden_bpb": 1.3, "hidden_tokens": 4096, "probes": 8}
     assert "eval_tokens 8192" in check_summary({**s, "eval_tokens": 8192}, harness, good, None, True)
     assert "profile" in check_summary({**s, "profile": "quick"}, harness, good, None, True)
-    assert "not what prepare.evaluate_bpb returned" in check_summary({**s, "val_bpb": 1.0}, harness, good, None, True)
-    assert "not computed by prepare.evaluate_bpb" in check_summary(s, harness, [], None, True)
-    assert "harness:" in check_summary(s, harness, [{"invalid": "reads future tokens"}], None, True)
-    # a harness without reports: the eval size is checked against the run's
-    assert check_summary(s, harness, [], 16384, False) is None
-    assert "scores 16384 tokens" in check_summary({**s, "eval_tokens": 8192}, harness, [], 16384, False)
+    assert "is not the scorer's 1.234567" in check_summary({**s, "val_bpb": 1.0}, harness, good, None, True)
+    assert "not computed by the trusted scorer" in check_summary(s, harness, None, None, True)
+    assert "scorer: reads future" in check_summary(s, harness, {"invalid": "reads future tokens"}, None, True)
+    assert "ran with dataset" in check_summary(s, harness, {**good, "dataset": "climbmix"}, None, True)
+    # a harness without the scorer: the eval size is checked against the run's
+    assert check_summary(s, harness, None, 16384, False) is None
+    assert "scores 16384 tokens" in check_summary({**s, "eval_tokens": 8192}, harness, None, 16384, False)
 
 
 # -- the runner --------------------------------------------------------------------------------
@@ -195,5 +188,6 @@ def test_peeking_model_and_hand_written_score_are_invalid_on_the_real_harness(tm
     base, peek, forged = results
     assert base["status"] == "keep" and base["hidden_bpb"] > 0 and base["hidden_tokens"] > 0
     assert peek["status"] == "invalid" and "reads future tokens" in peek["description"]
-    assert forged["status"] == "invalid" and "is not what prepare.evaluate_bpb returned" in forged["description"]
+    assert forged["status"] == "invalid" and "is not the scorer's" in forged["description"]
+    assert forged["val_bpb"] == base["val_bpb"]     # the logged number is the scorer's, not the forged one
     assert git.Repo(d).head.commit.hexsha == base["commit"]

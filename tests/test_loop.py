@@ -17,7 +17,7 @@ from autoresearch.agents import Agent, AgentFailed, Proposal
 from autoresearch.agents.hparam import HparamAgent
 from autoresearch.ledger import Ledger
 from autoresearch.runner import RunConfig, Runner, RunStopped, decide_greedy, run
-from autoresearch.trainer import SetupError, Trainer, detect_backend, parse_summary, timeout_for
+from autoresearch.trainer import Confinement, SetupError, Trainer, detect_backend, parse_summary, timeout_for
 from loop_fixtures.helpers import cli_env, fake_val_of, ledger_records, make_repo, run_cli, tsv_rows
 
 
@@ -227,14 +227,17 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
     (d / "train_mlx.py").write_text(
         "import subprocess, sys, time\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-        "open('child.pid', 'w').write(str(child.pid))\n"
+        f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(child.pid))\n"
         "print('training...', flush=True)\n"
         "time.sleep(60)\n")
-    outcome = Trainer.for_backend("mlx").run(d, d / "run.log", timeout_s=1.0)
+    trainer = Trainer.for_backend("mlx")
+    trainer.confinement = Confinement(sandbox="none", reason="test")   # host pids, a file outside the repo
+    outcome = trainer.run(d, d / "run.log", timeout_s=1.0)
     assert outcome.timed_out and not outcome.ok and outcome.seconds < 20
-    child = int((d / "child.pid").read_text())
+    child = int((tmp_path / "child.pid").read_text())
     assert not _alive(child), "the trainer's child survived the timeout"
     assert "training..." in (d / "run.log").read_text() and "timeout" in outcome.log_tail
+    assert "unsandboxed run: test" in (d / "run.log").read_text()
 
 
 def _alive(pid):

@@ -2,11 +2,14 @@
 prepare.evaluate_bpb on the prepared data, then the upstream summary block.
 
 The constants are what a cheating edit would change: PEEK adds the next input token to
-each position's logits (reads the future), HAND_WRITTEN_BPB prints a number instead of the
-harness's.
+each position's logits (reads the future; from the first call on, or only after
+PEEK_AFTER_CALLS honest calls), HAND_WRITTEN_BPB prints a number instead of the harness's.
+TEMPERATURE scales the logits (0: uniform, an honest gain over the random init).
 """
 PEEK = 0.0
+PEEK_AFTER_CALLS = 0
 HAND_WRITTEN_BPB = 0.0
+TEMPERATURE = 1.0
 EVAL_BATCH = 8
 
 import os
@@ -25,12 +28,14 @@ class Tiny(nn.Module):
         self.emb = nn.Embedding(vocab, dim)
         self.head = nn.Linear(dim, vocab)
         self.vocab = vocab
+        self.calls = 0
 
     def __call__(self, x):
-        logits = self.head(self.emb(x))
-        if PEEK:
+        self.calls += 1
+        logits = self.head(self.emb(x)) * TEMPERATURE
+        if PEEK or (PEEK_AFTER_CALLS and self.calls > PEEK_AFTER_CALLS):
             nxt = mx.concatenate([x[:, 1:], x[:, -1:]], axis=1)       # the token at t+1 = the target
-            logits = logits + PEEK * (mx.arange(self.vocab)[None, None, :] == nxt[..., None])
+            logits = logits + (PEEK or 30.0) * (mx.arange(self.vocab)[None, None, :] == nxt[..., None])
         return logits
 
 
