@@ -6,6 +6,7 @@ only needs another Trainer.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -142,8 +143,10 @@ class Trainer:
     def run(self, repo_root: Path, log_path: Path, timeout_s: float,
             on_spawn: Callable[[int], None] | None = None) -> RunOutcome:
         """Launch one run and return its scored outcome: see `launch`."""
+        training = Path(repo_root) / self.training_file
+        key = hashlib.sha256(training.read_bytes()).hexdigest()[:32] if training.is_file() else None
         return launch(self.command, repo_root, log_path, timeout_s, env={**os.environ, **self.env},
-                      confinement=self.confinement, parse=self.parse, on_spawn=on_spawn)
+                      confinement=self.confinement, parse=self.parse, on_spawn=on_spawn, kernel_cache_key=key)
 
 
 @dataclass
@@ -161,11 +164,16 @@ class Confinement:
 
 def launch(command: list[str], repo_root: Path, log_path: Path, timeout_s: float, env: dict,
            confinement: Confinement, parse: Callable[[str], dict | None] = parse_summary,
-           on_spawn: Callable[[int], None] | None = None) -> RunOutcome:
+           on_spawn: Callable[[int], None] | None = None, kernel_cache_key: str | None = None) -> RunOutcome:
     """The one launch-and-score path: sandbox the command, start the trusted scorer beside it
     (val_bpb runs), train in its own process group with all output to log_path, kill the
     whole group at the timeout, then check that the run changed nothing outside its scratch
-    (undoing what it did) and read the scorer's result."""
+    (undoing what it did) and read the scorer's result.
+
+    `kernel_cache_key` (a hash of the training file): MLX's compiled CPU kernels of an earlier
+    run of the same bytes are copied into this run's scratch, and this run's are kept for
+    the next run of the same bytes (noise runs, re-runs). Never across different files: a
+    run could plant a kernel that changes what a later, innocent file computes."""
     from harness import sandbox as sandboxes
     repo_root = Path(repo_root).resolve()
     private = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
@@ -177,6 +185,9 @@ def launch(command: list[str], repo_root: Path, log_path: Path, timeout_s: float
                             allow_network=confinement.allow_network, require=confinement.require_sandbox,
                             kind=confinement.sandbox)
         run_env = sb.env({**env, **confinement.harness_env})
+        kernels = _kernel_cache(repo_root, kernel_cache_key)
+        if kernels is not None and kernels.is_dir():
+            shutil.copytree(kernels, private / "scratch" / "tmp" / "mlx", dirs_exist_ok=True, symlinks=True)
         pass_fds = ()
         if confinement.scorer:
             scorer, trainer_end = _start_scorer(repo_root, private, {**env, **confinement.harness_env})
@@ -224,6 +235,9 @@ def launch(command: list[str], repo_root: Path, log_path: Path, timeout_s: float
             with open(log_path, "a") as f:
                 f.write(note)
         summary = None if timed_out else parse(text)
+        built = private / "scratch" / "tmp" / "mlx"
+        if kernels is not None and not kernels.exists() and built.is_dir():
+            shutil.copytree(built, kernels, symlinks=True)
         return RunOutcome(None if timed_out else proc.returncode, timed_out, seconds, summary, log_tail(text),
                           sandbox=sb.kind, scored=scored, tampered=tampered)
     finally:
@@ -231,6 +245,26 @@ def launch(command: list[str], repo_root: Path, log_path: Path, timeout_s: float
             scorer[0].kill()
             scorer[0].wait()
         shutil.rmtree(private, ignore_errors=True)
+
+
+KERNEL_CACHES_KEPT = 8
+
+
+def _kernel_cache(repo_root: Path, key: str | None) -> Path | None:
+    """Where the MLX kernels of one training file's runs are kept (inside .git, which no
+    sandboxed run can see); the oldest caches beyond KERNEL_CACHES_KEPT are removed."""
+    if key is None:
+        return None
+    try:
+        base = gitops._git_dir(repo_root) / "autoresearch-kernels"
+    except subprocess.CalledProcessError:
+        return None
+    base.mkdir(exist_ok=True)
+    caches = sorted(base.iterdir(), key=lambda p: p.stat().st_mtime)
+    for old in caches[:-KERNEL_CACHES_KEPT]:
+        if old.name != key:
+            shutil.rmtree(old, ignore_errors=True)
+    return base / key
 
 
 def _start_scorer(repo_root: Path, private: Path, env: dict):

@@ -112,8 +112,8 @@ def bench_sandbox(repeats: int) -> None:
         return
     with tempfile.TemporaryDirectory() as d:
         sb = sandbox.plan(REPO, Path(d) / "scratch")
-        plain, boxed = [sys.executable, "-c", "pass"], sb.wrap([sys.executable, "-c", "pass"])
         env = sb.env(os.environ)
+        plain, boxed = [sys.executable, "-c", "pass"], sb.wrap([sys.executable, "-c", "pass"])
 
         def timed(cmd):
             t0 = time.perf_counter()
@@ -134,6 +134,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
+    from harness.blas import use_tuned_blas
+    use_tuned_blas()          # before MLX loads: MLX's Linux wheel bundles a slow reference BLAS
     os.environ.setdefault("AUTORESEARCH_DATASET", "builtin")
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; model dim {args.dim}, "
           f"{args.layers} MLP blocks, batch {args.batch_size}")

@@ -57,6 +57,7 @@ class Sandbox:
     readable: list = field(default_factory=list)    # extra read-only paths (data, tokenizer)
     hidden: list = field(default_factory=list)      # paths inside readable trees that must be absent
     allow_network: bool = False
+    preload: str | None = None                      # LD_PRELOAD for the run, set inside bwrap
 
     def env(self, base: dict) -> dict:
         """The run's environment: no secrets; HOME, TMPDIR, caches and .pyc in scratch."""
@@ -69,6 +70,10 @@ class Sandbox:
                        TORCHINDUCTOR_CACHE_DIR=str(s / "cache" / "inductor"),
                        TRITON_CACHE_DIR=str(s / "cache" / "triton"))
         env["PYTHONDONTWRITEBYTECODE"] = "1"
+        if self.kind == "bwrap" and "LD_PRELOAD" in env:
+            # bwrap itself must not load the preload (a preloaded threaded OpenBLAS hangs it);
+            # the run gets it through --setenv
+            self.preload = env.pop("LD_PRELOAD")
         return env
 
     def wrap(self, command: list[str]) -> list[str]:
@@ -90,7 +95,7 @@ def detect(allow_network: bool = False) -> tuple[str, str]:
         if not allow_network:
             probe.append("--unshare-net")
         try:
-            proc = subprocess.run(probe + ["true"], capture_output=True, text=True, timeout=20)
+            proc = subprocess.run(probe + ["true"], capture_output=True, text=True, timeout=20, env=_launcher_env())
         except (OSError, subprocess.TimeoutExpired) as e:
             return "none", f"bwrap failed to start ({e})"
         if proc.returncode != 0:
@@ -172,7 +177,13 @@ def bwrap_args(sb: Sandbox) -> list[str]:
         elif p.exists():
             args += ["--ro-bind", "/dev/null", str(p)]
     args += ["--bind", str(sb.scratch), str(sb.scratch), "--chdir", str(repo)]
+    if sb.preload:
+        args += ["--setenv", "LD_PRELOAD", sb.preload]
     return args
+
+
+def _launcher_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
 
 
 def _sb_string(path: Path | str) -> str:
