@@ -54,6 +54,9 @@ def test_real_train_mlx_smoke_two_experiments_with_hparam(tmp_path, builtin_cach
     assert all(not res.get("reruns") for res in results[1:])
     assert base["profile"] == "smoke" and base["dataset"] == "builtin" and base["backend"] == "mlx"
     assert base["summary"]["backend"] == "mlx" and base["summary"]["eval_tokens"] > 0
+    # the real trainer ran sandboxed and was scored by the runner's scorer
+    assert base["sandbox"] == ("bwrap" if shutil.which("bwrap") else "none")
+    assert base["probes"] >= 8 and base["hidden_bpb"] > 0
     for res in results[1:]:
         assert res["status"] in ("keep", "discard", "crash")
         assert res["agent_meta"]["hparam"]["name"]

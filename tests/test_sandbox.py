@@ -288,3 +288,42 @@ def test_run_environment_has_no_secrets_and_caches_in_scratch(tmp_path):
     assert env["PATH"] == "/usr/bin" and env["AUTORESEARCH_PROFILE"] == "smoke"
     assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["PYTHONPYCACHEPREFIX"].startswith(str(tmp_path / "s"))
     assert env["TMPDIR"].startswith(str(tmp_path / "s")) and env["HOME"].startswith(str(tmp_path / "s"))
+
+
+TORCH_TRAINER = '''
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import prepare
+
+if __name__ == "__main__":
+    prepare.ensure_prepared()
+    torch.manual_seed(prepare.SEED)
+    tok = prepare.Tokenizer.from_directory()
+    model = torch.nn.Sequential(torch.nn.Embedding(tok.get_vocab_size(), 16), torch.nn.Linear(16, tok.get_vocab_size()))
+    val = prepare.evaluate_bpb(model, tok, 8)
+    print("---")
+    print(f"val_bpb:          {val:.6f}")
+    print("backend:          cuda")
+    for key, value in prepare.summary_fields().items():
+        print(f"{key + ':':<18}{value}")
+'''
+
+
+@needs_bwrap
+def test_torch_trainer_speaks_the_same_protocol_in_the_sandbox(tmp_path, builtin_cache, monkeypatch):
+    pytest.importorskip("torch")
+    for k, v in builtin_cache.items():
+        monkeypatch.setenv(k, v)
+    d = real_harness_repo(tmp_path)
+    (d / "train.py").write_text(TORCH_TRAINER)
+    repo = git.Repo(d)
+    repo.git.add("train.py")
+    repo.git.commit("-q", "-m", "torch trainer")
+    config = RunConfig(tag="t", backend="cuda", max_experiments=0, max_fix_attempts=0)
+    runner = Runner(d, config, ScriptedAgent([]), Trainer.for_backend("cuda"), out=lambda s: None,
+                    sleep=lambda s: None, decisions=Decisions("greedy"))
+    assert run(runner, resume=False) == 0, (d / "run.log").read_text()[-2000:]
+    base = ledger_records(d, "result")[0]
+    assert base["status"] == "keep" and base["sandbox"] == "bwrap", (d / "run.log").read_text()[-2000:]
+    assert base["probes"] >= 8 and base["hidden_bpb"] > 0 and 1 < base["val_bpb"] < 30
