@@ -233,6 +233,10 @@ def report_lines(results: list[dict]) -> list[str]:
         rerun_keeps = sum(1 for r in mine if r["status"] == "keep" and r.get("reruns"))
         lines.append(f"keep rule {rule}: {keeps} keeps of {len(mine)} scored experiments, {reruns} re-runs "
                      f"({sum(1 for r in mine if r.get('reruns'))} experiments re-run, {rerun_keeps} kept after re-runs)")
+    kinds = [r.get("sandbox") for r in results if r.get("sandbox")]
+    if kinds:
+        counts = ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds)))
+        lines.append(f"sandbox of the runs: {counts}" + ("  (WARNING: unsandboxed runs)" if "none" in kinds else ""))
     dups = sum(1 for r in experiments if r.get("duplicate_of") is not None)
     if dups:
         lines.append(f"identical training files not re-run: {dups}")

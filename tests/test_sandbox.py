@@ -260,6 +260,8 @@ def test_require_sandbox_refuses_to_start_without_one(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "UNSANDBOXED" in r.stdout
     assert ledger_records(d, "result")[0]["sandbox"] == "none"
+    rep = run_cli(d, "report", env=env)
+    assert "sandbox of the runs: none 1  (WARNING: unsandboxed runs)" in rep.stdout, rep.stdout + rep.stderr
 
 
 def test_macos_profile_denies_home_books_and_network(tmp_path):
