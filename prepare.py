@@ -264,7 +264,8 @@ def ensure_prepared(dataset=None):
         if not os.path.exists(os.path.join(tok, f)):
             raise HarnessError(f"no tokenizer for dataset {dataset!r} ({os.path.join(tok, f)} is missing); "
                                f"run `{cmd}`.")
-    _open_parquet(os.path.join(data_dir(dataset), val_filename(dataset)), dataset)  # a truncated shard: say so
+    for f in files:     # a truncated shard (an interrupted download or copy): say so before training
+        _open_parquet(f, dataset)
     reason = tokenizer_training.check_fingerprint(dataset_paths(dataset))
     if reason:
         raise HarnessError(f"the tokenizer in {tok} does not belong to the data of dataset {dataset!r}: {reason}. "

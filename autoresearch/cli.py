@@ -4,13 +4,16 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+import git
+
 from . import gitops
 from .agents import AGENTS, default_agent_name, make_agent
-from .ledger import Ledger
+from .ledger import Ledger, LedgerWriteError
 from .trainer import BACKENDS, SetupError, Trainer, confine, detect_backend, harness_info
 
 DESCRIPTION = """Autonomous research on one training file: an agent edits it, the runner trains
@@ -154,8 +157,36 @@ def resolve_tag(repo, root: Path, tag: str | None) -> str:
     raise SetupError("no run found: start one with `autoresearch run`, or name it with --tag.")
 
 
+def check_run_args(args) -> None:
+    """Every flag and environment setting of `run`, checked before anything happens."""
+    from .noise import base_seed
+    from .trainer import timeout_for
+    for name, value, low in (("--max-experiments", args.max_experiments, 0), ("--max-fix-attempts", args.max_fix_attempts, 0),
+                             ("--max-turns", args.max_turns, 1), ("--reruns", args.reruns, 0),
+                             ("--noise-runs", args.noise_runs, 1)):
+        if value is not None and value < low:
+            raise SetupError(f"{name} {value}: must be at least {low}.")
+    if args.max_spend is not None and not args.max_spend > 0:
+        raise SetupError(f"--max-spend {args.max_spend}: give a positive amount in USD, e.g. --max-spend 5.")
+    if not 0.5 <= args.confidence < 1:
+        raise SetupError(f"--confidence {args.confidence}: must be in [0.5, 1), e.g. 0.95.")
+    if args.tag is not None:
+        check_tag(args.tag)
+    base_seed()
+    timeout_for(1.0)
+
+
+def check_tag(tag: str) -> None:
+    ok = subprocess.run(["git", "check-ref-format", "--branch", gitops.BRANCH_PREFIX + tag],
+                        capture_output=True).returncode == 0
+    if not ok or not tag or any(c.isspace() for c in tag):
+        raise SetupError(f"--tag {tag!r} is not a valid branch name part: use letters, digits, '-', '_' or '.', "
+                         "e.g. --tag dec01.")
+
+
 def cmd_run(args) -> int:
     from .runner import RunConfig, Runner, run
+    check_run_args(args)
     repo = gitops.open_repo(args.repo)
     root = gitops.root(repo)
     backend = args.backend or detect_backend()
@@ -244,6 +275,17 @@ def main(argv: list[str] | None = None) -> int:
         return {"run": cmd_run, "noise": cmd_noise, "status": cmd_status, "report": cmd_report}[args.command](args)
     except (SetupError, gitops.GitError) as e:
         print(f"autoresearch: {e}", file=sys.stderr)
+        return 2
+    except LedgerWriteError as e:
+        print(f"autoresearch: stopped: {e.strerror}", file=sys.stderr)
+        return 3
+    except (git.GitCommandError, subprocess.CalledProcessError) as e:
+        gitcmd = isinstance(e, git.GitCommandError)
+        cmd = " ".join(str(c) for c in (e.command if gitcmd else e.cmd))
+        err = str(getattr(e, "stderr", None) or "").strip().strip("'").splitlines()
+        why = err[-1].strip() if err else f"exit {e.status if gitcmd else e.returncode}"
+        print(f"autoresearch: `{cmd}` failed ({why}): fix what it names, then rerun (a started run "
+              "continues with --resume).", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nautoresearch: interrupted; continue with `autoresearch run --resume`.", file=sys.stderr)

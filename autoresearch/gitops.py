@@ -27,7 +27,7 @@ PROTECTED_PATHS = ("prepare.py", "harness", "pyproject.toml", "uv.lock", "progra
                    "metal_kernels")
 
 # Untracked outputs of a run; added to .git/info/exclude so they never dirty the tree.
-RUN_OUTPUTS = ("results.tsv", "results.*.tsv", "ledger.jsonl", "run.log", "run.seed*.log", "progress.png")
+RUN_OUTPUTS = ("results.tsv", "results.*.tsv", "ledger.jsonl", "ledger.*.jsonl", "run.log", "run.seed*.log", "progress.png")
 
 
 class GitError(RuntimeError):

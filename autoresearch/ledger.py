@@ -34,13 +34,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class LedgerWriteError(OSError):
+    """A record could not be written whole (a full disk); the file is as it was before."""
+
+
 def append_line(path: Path, line: str) -> None:
-    """Append one line durably: a single write, then fsync (and the folder if the file is new)."""
+    """Append one line durably: the whole line, then fsync (and the folder if the file is
+    new). `os.write` may write only part of it (a full disk): keep writing the rest; if the
+    disk refuses, cut the partial line off again and raise LedgerWriteError, so the file
+    never holds half a record for the next one to be glued onto."""
     new = not path.exists()
+    data = line.encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    start = os.fstat(fd).st_size
     try:
-        os.write(fd, line.encode())
-        os.fsync(fd)
+        written = 0
+        try:
+            while written < len(data):
+                n = os.write(fd, data[written:])
+                if n <= 0:
+                    raise OSError(28, "No space left on device")
+                written += n
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, start)
+                os.fsync(fd)
+            except OSError:
+                pass
+            raise LedgerWriteError(e.errno, f"could not write to {path} ({e.strerror or e}): free disk space, "
+                                            "then continue with `autoresearch run --resume`; nothing logged "
+                                            "before is lost") from None
     finally:
         os.close(fd)
     if new:
@@ -158,17 +182,35 @@ class Ledger:
         append_line(self.tsv_path, tsv_row(record))
         return record
 
-    def repair(self) -> bool:
-        """Drop a torn last line of the ledger. Returns whether anything was removed."""
+    def repair(self) -> list[str]:
+        """Drop a torn last line and set aside lines that are not JSON records (in
+        ledger.corrupt.jsonl, nothing deleted). Returns one note per change ([]: intact)."""
         if not self.path.exists():
-            return False
+            return []
         data = self.path.read_bytes()
-        if not data or data.endswith(b"\n"):
-            return False
-        keep = data[: data.rfind(b"\n") + 1]
-        write_atomic(self.path, keep.decode())
+        lines = data.split(b"\n")
+        torn = lines.pop() if lines else b""        # after the last newline: b"" when intact
+        good, bad = [], []
+        for line in lines:
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except ValueError:
+                ok = False
+            (good if ok else bad).append(line)
+        notes = []
+        if torn:
+            notes.append("dropped a torn last line")
+            bad.append(torn)
+        if not bad:
+            return []
+        if len(bad) > (1 if torn else 0):
+            notes.append(f"set aside {len(bad) - (1 if torn else 0)} corrupt line(s)")
+        aside = self.path.with_name("ledger.corrupt.jsonl")
+        with open(aside, "ab") as f:
+            f.write(b"".join(line + b"\n" for line in bad))
+        write_atomic(self.path, b"".join(line + b"\n" for line in good).decode(errors="replace"))
         self._cache, self._offset = [], 0
-        return True
+        return [f"{n} of ledger.jsonl (kept in {aside.name})" for n in notes]
 
     def expected_tsv(self) -> str:
         return TSV_HEADER + "".join(tsv_row(r) for r in sorted(self.results(), key=lambda r: r["exp"]))

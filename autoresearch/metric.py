@@ -17,9 +17,11 @@ results.tsv holds the metric.
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import re
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,33 @@ from .trainer import RunOutcome, SetupError, Trainer, launch, log_tail
 DIRECTIONS = ("min", "max")
 DEFAULT_METRIC_BUDGET = 60.0   # seconds a metric command is expected to take; timeout = max(2x, +120 s)
 GUARD_TIMEOUT = 1800.0
+
+
+def check_scope(repo_root: Path, scope: str) -> None:
+    """The scope file must be a regular file tracked in this repository (after symlinks are
+    resolved), and not one the runner protects or writes."""
+    from . import gitops
+    root = repo_root.resolve()
+    path = (root / scope).resolve()
+    try:
+        rel = path.relative_to(root).as_posix()
+    except ValueError:
+        raise SetupError(f"--scope {scope}: resolves to {path}, outside the repository {root}; the agent may "
+                         "edit only a file of this repository.") from None
+    if path.is_dir():
+        raise SetupError(f"--scope {scope} is a folder: name the one file the agent may edit, e.g. --scope {rel}/main.py.")
+    if not path.is_file():
+        raise SetupError(f"--scope {scope}: no such file in {root}.")
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "--", rel], cwd=root, capture_output=True)
+    if tracked.returncode != 0:
+        raise SetupError(f"--scope {scope} is not tracked by git: `git add {rel} && git commit` it first, so every "
+                         "change the agent makes is a commit you can see.")
+    protected = [p for p in (*gitops.PROTECTED_PATHS, ".git") if rel == p or rel.startswith(p.rstrip("/") + "/")]
+    if os.path.normpath(scope) != rel:
+        raise SetupError(f"--scope {scope} is a link or an indirect path to {rel}: name the file itself, --scope {rel}.")
+    if protected or any(fnmatch.fnmatch(rel, p) for p in gitops.RUN_OUTPUTS):
+        raise SetupError(f"--scope {scope} is part of the harness or the runner's books, which the agent may never "
+                         "edit: pick the file that holds what you want improved.")
 
 
 def compile_regex(pattern: str) -> re.Pattern:
@@ -89,6 +118,7 @@ class MetricTrainer(Trainer):
             raise SetupError("--scope names the file the agent may edit: e.g. --scope solver.py.")
         if len(scope) > 1:
             raise SetupError(f"--scope {' '.join(scope)}: the agents edit one file per run; name one file.")
+        scope = [os.path.normpath(f) for f in scope]      # ./solver.py is solver.py
         judge = None
         if rubric:
             from .judge import RubricJudge
@@ -109,9 +139,8 @@ class MetricTrainer(Trainer):
 
     def harness(self, repo_root: Path) -> dict:
         """What the ledger records about the target (instead of prepare.py's profile)."""
-        missing = [f for f in self.scope if not (Path(repo_root) / f).exists()]
-        if missing:
-            raise SetupError(f"--scope {', '.join(missing)}: not in {repo_root}.")
+        for f in self.scope:
+            check_scope(Path(repo_root), f)
         info = {"mode": "metric", "metric_cmd": self.metric_cmd, "metric_regex": self.metric_regex,
                 "direction": self.direction, "scope": list(self.scope), "guard": self.guard,
                 "time_budget": self.budget_s}
@@ -125,11 +154,28 @@ class MetricTrainer(Trainer):
 
     def run(self, repo_root: Path, log_path: Path, timeout_s: float, on_spawn=None) -> RunOutcome:
         outcome = super().run(repo_root, log_path, timeout_s, on_spawn=on_spawn)
+        if outcome.returncode == 0 and outcome.summary is None and self.metric_regex and not outcome.tampered:
+            outcome = self._unreadable(log_path, outcome)
         if self.judge is not None and outcome.returncode == 0 and not outcome.tampered:
             outcome = self._judge(repo_root, log_path, outcome)
         if self.guard and outcome.ok:
             outcome = self._guard(repo_root, log_path, outcome)
         return outcome
+
+    def _unreadable(self, log_path: Path, outcome: RunOutcome) -> RunOutcome:
+        """Say why a clean exit gave no number: the regex never matched, or the value is not finite."""
+        log = log_path.read_text(errors="replace")
+        matches = list(compile_regex(self.metric_regex).finditer(log))
+        if matches:
+            raw = matches[-1].group(1) if matches[-1].re.groups else matches[-1].group(0)
+            note = f"the metric value {raw!r} (last match of --metric-regex) is not a finite number"
+        else:
+            last = " | ".join(line.strip() for line in log.strip().splitlines()[-3:]) or "no output"
+            note = (f"--metric-regex {self.metric_regex!r} did not match the output of `{self.metric_cmd}` "
+                    f"(last lines: {last[:300]})")
+        text = self._append(log_path, f"\n[autoresearch] {note}\n")
+        return RunOutcome(outcome.returncode, False, outcome.seconds, None, log_tail(text), sandbox=outcome.sandbox,
+                          note=note)
 
     def _append(self, log_path: Path, text: str) -> str:
         with open(log_path, "a") as f:

@@ -20,6 +20,7 @@ from pathlib import Path
 from . import gitops
 from .agents import AgentFailed
 from .faults import crash_point
+from .trainer import SetupError
 from .decide import (DEFAULT_CONFIDENCE, DEFAULT_NOISE_RUNS, DEFAULT_RERUNS, Greedy, NoiseAware, best_of,
                      blob_id, duplicate_of, noise_floor)
 from .integrity import check_summary, scored_fields
@@ -181,8 +182,10 @@ class Decisions:
         r = self.runner
         value = outcome.value
         best = best_of(r.ledger.best())
-        if best is None:     # no kept baseline (cannot happen in the loop; be safe)
-            return "keep", extra
+        if best is None:     # the loop runs experiments only after a kept baseline: the books are damaged
+            raise SetupError(f"ledger.jsonl has no kept baseline for run {r.config.tag!r}, so there is nothing to "
+                             "compare with: the books are damaged. Restore ledger.jsonl (from a backup, or set aside "
+                             "lines in ledger.corrupt.jsonl), or start a new run with another --tag.")
         if custom is not None:
             return custom(value, best.value), extra
         seed = base_seed()

@@ -21,7 +21,9 @@ there without touching the git/ledger/resume machinery.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -88,6 +90,7 @@ class Runner:
         self.protected_untracked: set[str] = set()
         self.base_commit: str | None = None
         self._judge_mark = 0.0                   # the judge's cumulative spend when this experiment began
+        self.baseline_note = ""                  # why the last baseline run gave no number, when known
         # what the agents are told to improve: val_bpb (lower) unless the trainer names its metric
         self.objective = Objective(getattr(self.trainer, "metric_name", "val_bpb"),
                                    getattr(self.trainer, "direction", "min"))
@@ -155,6 +158,7 @@ class Runner:
         self._check_training_file()
         # a Trainer may describe its own target (general mode); else ask prepare.py
         self.harness = getattr(self.trainer, 'harness', harness_info)(self.repo_root)
+        self._check_same_setup(sessions[0])
         self._confine()
         self.decisions.setup(self)
         self.agent.check()
@@ -171,6 +175,24 @@ class Runner:
                  f"{self._best_val():.6f} at {gitops.short(self.best_commit())}." if self.ledger.best()
                  else f"Resumed {self.branch}: no baseline yet.")
 
+    # What a run's results are compared on: a resume that changes one would compare numbers
+    # of different measurements (README: results of different settings are never compared).
+    SAME_SETUP = (("profile", "the profile (AUTORESEARCH_PROFILE)"), ("dataset", "the dataset (AUTORESEARCH_DATASET)"),
+                  ("eval_tokens", "the eval size"), ("seq_len", "the sequence length"), ("mode", "the mode"),
+                  ("metric_cmd", "--metric-cmd"), ("metric_regex", "--metric-regex"), ("direction", "--direction"),
+                  ("scope", "--scope"))
+
+    def _check_same_setup(self, first_session: dict) -> None:
+        was = first_session.get("harness") or {}
+        changed = [f"{what}: {was.get(key)!r} then, {self.harness.get(key)!r} now" for key, what in self.SAME_SETUP
+                   if was.get(key) != self.harness.get(key)]
+        if first_session.get("backend") not in (None, self.config.backend):
+            changed.insert(0, f"the backend: {first_session['backend']!r} then, {self.config.backend!r} now")
+        if changed:
+            raise SetupError(f"--resume refused: run {self.config.tag!r} was started with other settings ("
+                             + "; ".join(changed) + "), and its results would be compared with the new ones. "
+                             f"Restore them, or start a new run: autoresearch run --tag {self.config.tag}-2 ...")
+
     def recover(self) -> None:
         """Close the books on whatever a kill left behind, then reset to the best commit.
 
@@ -181,8 +203,8 @@ class Runner:
           is logged as a crash too;
         - results.tsv is rebuilt from the ledger, so no row is missing or doubled;
         - the branch is reset to the best kept commit."""
-        if self.ledger.repair():
-            self.out("Dropped a torn last line from ledger.jsonl.")
+        for note in self.ledger.repair():
+            self.out(f"Repaired the ledger: {note}.")
         head = gitops.head_sha(self.repo)
         open_exp = self.ledger.open_experiment()
         if open_exp:
@@ -254,6 +276,8 @@ class Runner:
                              "(untracked content was edited): restore them by hand, then --resume.")
 
     def _check_training_file(self) -> None:
+        if getattr(self.trainer, "scope", None) and not (self.repo_root / self.training_file).exists():
+            raise SetupError(f"--scope {self.training_file}: no such file in {self.repo_root}.")
         if not (self.repo_root / self.training_file).exists():
             raise SetupError(f"{self.training_file} (the training file of backend {self.config.backend}) is not in "
                              f"{self.repo_root}: run from the project root or pick the other --backend.")
@@ -293,8 +317,11 @@ class Runner:
     def loop(self) -> None:
         while not self.ledger.best():
             if not self.baseline():
-                raise RunStopped(f"the baseline crashed: see run.log, fix {self.training_file}, commit it on "
-                                 f"{self.branch}, and run again with --resume.")
+                note = self.baseline_note
+                if note:
+                    raise RunStopped(f"the baseline gave no result: {note}. Fix that, then run again with --resume.")
+                raise RunStopped(f"the baseline crashed: see run.log for the cause; if it is in {self.training_file}, "
+                                 f"fix it, commit it on {self.branch}, and run again with --resume.")
         failures = 0
         while True:
             if self.config.max_experiments is not None and self.experiments_done() >= self.config.max_experiments:
@@ -339,6 +366,7 @@ class Runner:
         self.out(f"[{exp}] baseline at {gitops.short(commit)}")
         self.ledger.append("start", exp=exp, commit=commit, parent=commit, description="baseline", baseline=True)
         outcome = self._train(exp)
+        self.baseline_note = outcome.note
         status, extra = self.decisions.baseline(exp, outcome)
         description = f"baseline [invalid: {extra.pop('invalid_reason')}]" if status == "invalid" else "baseline"
         self._finish(exp, commit, status, description, outcome, baseline=True, **extra)
@@ -500,46 +528,60 @@ class Runner:
             **{"cost_usd": 0.0, "baseline": False, **fields})
 
 
-def _process_is_runner(pid: int) -> bool:
-    """Whether pid is alive and (where /proc tells) an autoresearch process, not a reused pid."""
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (an opaque stamp), or None if it is gone or unknown. A pid
+    reused by another process has another start."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
-        try:
-            return b"autoresearch" in cmdline.read_bytes()
-        except OSError:
-            return True
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]        # field 22: start time in clock ticks
+    except FileNotFoundError:
+        if Path("/proc/self/stat").exists():
+            return None
+    except (OSError, IndexError):
+        return None
+    try:                                                   # no /proc (macOS): ps knows
+        out = subprocess.run(["ps", "-o", "lstart=", "-p", str(pid)], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
 
 
 class RunnerLock:
-    """One runner per repository: .git/autoresearch.lock holds the pid of the live one.
-
-    A lock left by a killed runner (its pid gone) is stale and taken over."""
+    """One runner per repository: .git/autoresearch.lock holds the pid and start stamp of the
+    live one. A lock whose process is gone, or whose pid now belongs to another process (a
+    different start stamp), is stale and taken over."""
 
     def __init__(self, git_dir: Path):
         self.path = Path(git_dir) / "autoresearch.lock"
+
+    def _holder(self) -> int | None:
+        """The pid of the live runner holding the lock, or None if the lock is stale."""
+        try:
+            record = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict):      # an older lock: a bare pid, no start stamp
+            record = {"pid": record} if isinstance(record, int) else {}
+        pid, start = record.get("pid"), record.get("start")
+        if not isinstance(pid, int) or pid == os.getpid():
+            return None
+        now = process_start(pid)
+        if start is None:                    # an older lock: the pid alone must do
+            return pid if now is not None else None
+        return pid if now is not None and now == start else None
 
     def __enter__(self):
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _process_is_runner(pid):
+                pid = self._holder()
+                if pid:
                     raise SetupError(f"another autoresearch runner (pid {pid}) is working in this repository: "
                                      f"wait for it or stop it first (kill {pid}).")
                 self.path.unlink(missing_ok=True)   # stale: its runner is gone
                 continue
-            os.write(fd, str(os.getpid()).encode())
+            os.write(fd, json.dumps({"pid": os.getpid(), "start": process_start(os.getpid())}).encode())
             os.close(fd)
             return self
         raise SetupError(f"cannot take {self.path}: remove it if no runner is active.")

@@ -98,6 +98,7 @@ class RunOutcome:
     sandbox: str = "none"           # how the run was confined: bwrap | sandbox-exec | none
     scored: dict | None = None      # the trusted scorer's result, when the run was scored by it
     tampered: list = field(default_factory=list)   # what the run changed outside its scratch (undone)
+    note: str = ""                  # why a run that exited cleanly has no result (general mode's metric)
 
     @property
     def ok(self) -> bool:
@@ -119,6 +120,8 @@ class RunOutcome:
             return "changed " + "; ".join(self.tampered[:3]) + " (undone)"
         if self.scored and self.scored.get("invalid"):
             return f"scorer: {self.scored['invalid']}"
+        if self.note:
+            return self.note
         return "timed out" if self.timed_out else f"crashed (exit {self.returncode})"
 
 
@@ -337,7 +340,13 @@ def timeout_for(time_budget_s: float) -> float:
     AUTORESEARCH_TIMEOUT (seconds) overrides."""
     env = os.environ.get("AUTORESEARCH_TIMEOUT")
     if env:
-        return float(env)
+        try:
+            value = float(env)
+        except ValueError:
+            value = float("nan")
+        if not value > 0 or not math.isfinite(value):
+            raise SetupError(f"AUTORESEARCH_TIMEOUT={env!r}: give the seconds after which a run is killed, e.g. 900.")
+        return value
     return max(2.0 * time_budget_s, time_budget_s + 120.0)
 
 

@@ -70,6 +70,12 @@ class Sandbox:
                        TORCHINDUCTOR_CACHE_DIR=str(s / "cache" / "inductor"),
                        TRITON_CACHE_DIR=str(s / "cache" / "triton"))
         env["PYTHONDONTWRITEBYTECODE"] = "1"
+        # `python` in a command is the runner's interpreter, as under `uv run` (a shim in
+        # the home folder, e.g. pyenv's, is not inside the sandbox)
+        bindir = os.path.dirname(sys.executable)
+        path = env.get("PATH", os.defpath).split(os.pathsep)
+        if path[0] != bindir:
+            env["PATH"] = os.pathsep.join([bindir, *path])
         if self.kind == "bwrap" and "LD_PRELOAD" in env:
             # bwrap itself must not load the preload (a preloaded threaded OpenBLAS hangs it);
             # the run gets it through --setenv

@@ -2,6 +2,7 @@
 every finished experiment appears exactly once and the branch tip is the best kept commit."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -147,7 +148,7 @@ def test_sigterm_stops_cleanly_kills_the_trainer_and_resumes(tmp_path):
     pgid = ledger_records(d, "spawn")[0]["pgid"]
     second = run_cli(d, "run", "--resume", "--max-experiments", str(N))   # while the first one runs
     assert second.returncode == 2 and "another autoresearch runner" in second.stderr
-    assert (d / ".git" / "autoresearch.lock").read_text() == str(proc.pid)
+    assert json.loads((d / ".git" / "autoresearch.lock").read_text())["pid"] == proc.pid
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "--resume" in err

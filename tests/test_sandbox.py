@@ -287,7 +287,8 @@ def test_run_environment_has_no_secrets_and_caches_in_scratch(tmp_path):
     env = sb.env({"ANTHROPIC_API_KEY": "k", "GITHUB_TOKEN": "t", "MY_PASSWORD": "p", "PATH": "/usr/bin",
                   "AUTORESEARCH_PROFILE": "smoke"})
     assert "ANTHROPIC_API_KEY" not in env and "GITHUB_TOKEN" not in env and "MY_PASSWORD" not in env
-    assert env["PATH"] == "/usr/bin" and env["AUTORESEARCH_PROFILE"] == "smoke"
+    assert env["PATH"] == os.pathsep.join([os.path.dirname(sys.executable), "/usr/bin"])
+    assert env["AUTORESEARCH_PROFILE"] == "smoke"
     assert env["PYTHONDONTWRITEBYTECODE"] == "1" and env["PYTHONPYCACHEPREFIX"].startswith(str(tmp_path / "s"))
     assert env["TMPDIR"].startswith(str(tmp_path / "s")) and env["HOME"].startswith(str(tmp_path / "s"))
 
