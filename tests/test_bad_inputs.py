@@ -19,7 +19,8 @@ from autoresearch.ledger import Ledger, LedgerWriteError
 from autoresearch.policy import Decisions
 from autoresearch.runner import RunConfig, Runner, run
 from autoresearch.trainer import RunOutcome, SetupError, Trainer
-from loop_fixtures.helpers import PROJECT, ScriptedAgent, cli_env, ledger_records, make_repo, run_cli, tsv_rows
+from loop_fixtures.helpers import (PROJECT, ScriptedAgent, cli_env, commit_all, ledger_records, make_repo,
+                                   real_harness_repo, run_cli, tsv_rows)
 
 NEWTON = PROJECT / "examples" / "newton_sqrt"
 GENERAL = ("--metric-cmd", "python bench.py", "--metric-regex", "time_ms: ([0-9.]+)", "--direction", "min")
@@ -40,12 +41,7 @@ def nothing_started(d: Path):
 
 def newton_repo(d: Path) -> Path:
     shutil.copytree(NEWTON, d)
-    repo = git.Repo.init(d, initial_branch="master")
-    with repo.config_writer() as cw:
-        cw.set_value("user", "name", "Test")
-        cw.set_value("user", "email", "test@example.com")
-    repo.git.add("-A")
-    repo.git.commit("-qm", "newton")
+    commit_all(d, "newton")
     return d
 
 
@@ -127,23 +123,6 @@ def test_resume_refuses_another_metric_command_or_direction(tmp_path):
     one_line_error(r, "--resume refused", "--direction")
     assert (d / "ledger.jsonl").read_text().startswith(before)
     assert [x["status"] for x in ledger_records(d, "result")] == ["keep"]
-
-
-def real_harness_repo(tmp_path) -> Path:
-    d = tmp_path / "real"
-    d.mkdir()
-    shutil.copy(PROJECT / "prepare.py", d / "prepare.py")
-    shutil.copytree(PROJECT / "harness", d / "harness", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(PROJECT / "tests" / "decide_fixtures" / "tiny_train.py", d / "train_mlx.py")
-    (d / "program.md").write_text("# program\n")
-    (d / ".gitignore").write_text("__pycache__/\n")
-    repo = git.Repo.init(d, initial_branch="master")
-    with repo.config_writer() as cw:
-        cw.set_value("user", "name", "Test")
-        cw.set_value("user", "email", "test@example.com")
-    repo.git.add("-A")
-    repo.git.commit("-qm", "tiny")
-    return d
 
 
 def test_resume_refuses_another_profile(tmp_path, builtin_cache):

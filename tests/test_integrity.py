@@ -6,10 +6,7 @@ dirs with stand-in trainers run as real subprocesses (on the fake harness, and o
 prepare.py with the builtin data)."""
 from __future__ import annotations
 
-import json
 import os
-import re
-import shutil
 from pathlib import Path
 
 import git
@@ -23,7 +20,7 @@ from autoresearch.integrity import check_summary, scored_fields
 from autoresearch.policy import Decisions
 from autoresearch.runner import RunConfig, Runner, run
 from autoresearch.trainer import Trainer
-from loop_fixtures.helpers import PROJECT, ScriptedAgent, ledger_records, make_repo
+from loop_fixtures.helpers import ScriptedAgent, ledger_records, make_repo, real_harness_repo
 
 HERE = Path(__file__).parent
 V = 64
@@ -159,23 +156,6 @@ def test_summary_with_a_smaller_eval_is_rejected(tmp_path):
     assert "eval_tokens 8192" in results[1]["description"] and "16384" in results[1]["description"]
     assert "profile 'quick'" in results[2]["description"]
     assert git.Repo(d).head.commit.hexsha == results[3]["commit"]
-
-
-def real_harness_repo(tmp_path) -> Path:
-    d = tmp_path / "real"
-    d.mkdir()
-    shutil.copy(PROJECT / "prepare.py", d / "prepare.py")
-    shutil.copytree(PROJECT / "harness", d / "harness", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(HERE / "decide_fixtures" / "tiny_train.py", d / "train_mlx.py")
-    (d / "program.md").write_text("# program\n")
-    (d / ".gitignore").write_text("__pycache__/\n")
-    repo = git.Repo.init(d, initial_branch="master")
-    with repo.config_writer() as cw:
-        cw.set_value("user", "name", "Test")
-        cw.set_value("user", "email", "test@example.com")
-    repo.git.add("-A")
-    repo.git.commit("-q", "-m", "tiny trainer on the real harness")
-    return d
 
 
 def test_peeking_model_and_hand_written_score_are_invalid_on_the_real_harness(tmp_path, builtin_cache, monkeypatch):

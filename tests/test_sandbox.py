@@ -10,22 +10,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
-import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import git
-import numpy as np
 import pytest
 
 from autoresearch.policy import Decisions
 from autoresearch.runner import RunConfig, Runner, run
 from autoresearch.trainer import Trainer
 from harness import sandbox
-from loop_fixtures.helpers import PROJECT, ScriptedAgent, ledger_records, make_repo, tsv_rows
+from loop_fixtures.helpers import ScriptedAgent, ledger_records, make_repo, real_harness_repo, tsv_rows
 
 HERE = Path(__file__).parent
 HAVE_BWRAP = sandbox.detect()[0] == "bwrap"
@@ -38,25 +35,6 @@ def _clean_env(monkeypatch):
     for k in list(os.environ):
         if k.startswith(("AUTORESEARCH_", "FAKE_", "ANTHROPIC_")):
             monkeypatch.delenv(k)
-
-
-def real_harness_repo(tmp_path) -> Path:
-    """A project checkout with the real prepare.py and harness/, and a tiny MLX model as the
-    training file (scored on the builtin data, no training)."""
-    d = tmp_path / "real"
-    d.mkdir()
-    shutil.copy(PROJECT / "prepare.py", d / "prepare.py")
-    shutil.copytree(PROJECT / "harness", d / "harness", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(HERE / "decide_fixtures" / "tiny_train.py", d / "train_mlx.py")
-    (d / "program.md").write_text("# program\n")
-    (d / ".gitignore").write_text("__pycache__/\n")
-    repo = git.Repo.init(d, initial_branch="master")
-    with repo.config_writer() as cw:
-        cw.set_value("user", "name", "Test")
-        cw.set_value("user", "email", "test@example.com")
-    repo.git.add("-A")
-    repo.git.commit("-q", "-m", "tiny trainer on the real harness")
-    return d
 
 
 def attack(code: str):

@@ -33,6 +33,31 @@ def make_repo(path: Path, training_file: str = "train_mlx.py") -> git.Repo:
     return repo
 
 
+def commit_all(path: Path, message: str) -> git.Repo:
+    """`git init` (if needed) and commit everything in path, as a test user."""
+    repo = git.Repo.init(path, initial_branch="master")
+    with repo.config_writer() as cw:
+        cw.set_value("user", "name", "Test")
+        cw.set_value("user", "email", "test@example.com")
+    repo.git.add("-A")
+    repo.git.commit("-q", "-m", message)
+    return repo
+
+
+def real_harness_repo(tmp_path: Path) -> Path:
+    """A project checkout with the REAL prepare.py and harness/, and a tiny untrained MLX model
+    (tests/decide_fixtures/tiny_train.py) as the training file."""
+    d = tmp_path / "real"
+    d.mkdir()
+    shutil.copy(PROJECT / "prepare.py", d / "prepare.py")
+    shutil.copytree(PROJECT / "harness", d / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(HERE.parent / "decide_fixtures" / "tiny_train.py", d / "train_mlx.py")
+    (d / "program.md").write_text("# program\n")
+    (d / ".gitignore").write_text("__pycache__/\n")
+    commit_all(d, "tiny trainer on the real harness")
+    return d
+
+
 def cli_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTORESEARCH_", "FAKE_", "ANTHROPIC_"))}
     env["PYTHONPATH"] = str(PROJECT) + os.pathsep + env.get("PYTHONPATH", "")
