@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from harness import download, errors, integrity, prefetch, tokenizer_training
+from harness import download, errors, eval_kernels, integrity, prefetch, tokenizer_training
 from harness.blas import use_tuned_blas  # noqa: F401  (train_mlx.py calls it before importing MLX)
 from harness.devices import peak_flops  # noqa: F401  (the trainers' mfu_percent)
 from harness.download import MAX_SHARD, VAL_SHARD
@@ -567,35 +567,14 @@ def evaluate_bpb(model, tokenizer, batch_size, backend=None):
 
 
 def _evaluate_with_scorer(model, batch_size, backend):
-    reply = evaluate_remote(int(os.environ[SCORER_FD_ENV]), lambda x: _logit_chunks(model, x, backend), batch_size)
+    reply = evaluate_remote(int(os.environ[SCORER_FD_ENV]),
+                            lambda x: eval_kernels.logit_chunks(model, x, backend, EVAL_CHUNK_BYTES), batch_size)
     if reply.get("op") != "done":
         problem = reply.get("reason", reply)
         print(f"evaluate_bpb: the scorer refused the model: {problem}", flush=True)
         raise IntegrityError(f"evaluate_bpb refused to score the model: {problem}. Fix the model in the training file.")
     _last_eval_tokens[0] = reply["eval_tokens"]
     return reply["val_bpb"]
-
-
-def _logit_chunks(model, x, backend):
-    """model(x) for the scorer: the logits' shape, then float32 numpy chunks of positions."""
-    if backend == "mlx":
-        import mlx.core as mx
-        logits = model(mx.array(x))
-        flat = logits.reshape(-1, logits.shape[-1])
-        step = _chunk_tokens(logits.shape[-1])
-        for s in range(0, flat.shape[0], step):
-            chunk = flat[s:s + step].astype(mx.float32)
-            mx.eval(chunk)
-            yield tuple(logits.shape), np.asarray(chunk)
-        return
-    import torch
-    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-    with torch.no_grad():
-        logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(device))
-        flat = logits.reshape(-1, logits.shape[-1])
-        step = _chunk_tokens(logits.shape[-1])
-        for s in range(0, flat.shape[0], step):
-            yield tuple(logits.shape), flat[s:s + step].float().cpu().numpy()
 
 
 def _rows_bpb(model, rows, batch_size, backend, token_bytes):
@@ -610,10 +589,8 @@ def _rows_bpb(model, rows, batch_size, backend, token_bytes):
         x, y = batch[:, :-1], batch[:, 1:]
         nbytes = token_bytes[y[:real]]
         total_bytes += int(nbytes.sum())
-        if backend == "mlx":
-            total_nats += _mlx_batch_nats(model, x, y, real, nbytes > 0)
-        else:
-            total_nats += _torch_batch_nats(model, x, y, real, nbytes > 0)
+        total_nats += eval_kernels.batch_nats(model, x, y, real, nbytes > 0, backend, EVAL_CHUNK_BYTES,
+                                              in_numpy=backend == "mlx" and _mlx_cross_entropy_in_numpy())
     return total_nats / (math.log(2) * total_bytes)
 
 
@@ -621,75 +598,13 @@ _last_eval_tokens = [None]
 
 
 def _chunk_tokens(vocab):
-    return max(1, EVAL_CHUNK_BYTES // (4 * vocab))
-
-
-_mlx_chunk_nats = None
-
-
-def _mlx_batch_nats(model, x, y, real, mask):
-    import mlx.core as mx
-    global _mlx_chunk_nats
-    if _mlx_chunk_nats is None:
-        def chunk_nats(logits, targets, weights):
-            # float32 cross-entropy of one chunk, masked and summed (compiled: the exp fuses)
-            logits = logits.astype(mx.float32)
-            target_logits = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-            return ((mx.logsumexp(logits, axis=-1) - target_logits) * weights).sum()
-        _mlx_chunk_nats = mx.compile(chunk_nats)
-    logits = model(mx.array(x))
-    V = logits.shape[-1]
-    flat = logits[:real].reshape(-1, V)
-    targets = mx.array(y[:real].reshape(-1).astype(np.int32))
-    weights = mx.array(mask.reshape(-1).astype(np.float32))
-    total = 0.0
-    step = _chunk_tokens(V)
-    if _mlx_cross_entropy_in_numpy():
-        # MLX's CPU backend runs exp on one core, ~10x slower than numpy's vectorized exp:
-        # on a CPU device, read each float32 chunk without a copy and do the same math in numpy.
-        y_flat, w_flat = y[:real].reshape(-1), mask.reshape(-1)
-        for s in range(0, flat.shape[0], step):
-            chunk = flat[s:s + step].astype(mx.float32)
-            mx.eval(chunk)
-            total += _numpy_chunk_nats(np.asarray(chunk), y_flat[s:s + step], w_flat[s:s + step])
-        return total
-    for s in range(0, flat.shape[0], step):
-        # .item() evaluates this chunk before the next is built: one chunk of float32 at a time
-        total += _mlx_chunk_nats(flat[s:s + step], targets[s:s + step], weights[s:s + step]).item()
-    return total
+    return eval_kernels.chunk_positions(EVAL_CHUNK_BYTES, vocab)
 
 
 def _mlx_cross_entropy_in_numpy():
+    # MLX's CPU backend runs exp on one core, ~10x slower than numpy's vectorized exp
     import mlx.core as mx
     return mx.default_device() == mx.cpu
-
-
-def _numpy_chunk_nats(logits, targets, mask):
-    """Masked sum of float32 cross-entropy over rows of logits (N, V), one temporary of its size."""
-    row_max = logits.max(axis=1, keepdims=True)
-    shifted = logits - row_max
-    target_shifted = shifted[np.arange(len(targets)), targets]
-    np.exp(shifted, out=shifted)
-    nats = np.log(shifted.sum(axis=1)) - target_shifted
-    return float(nats[mask].sum(dtype=np.float64))
-
-
-def _torch_batch_nats(model, x, y, real, mask):
-    import torch
-    import torch.nn.functional as F
-    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
-    with torch.no_grad():
-        logits = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(device))
-        V = logits.shape[-1]
-        flat = logits[:real].reshape(-1, V)
-        targets = torch.from_numpy(np.ascontiguousarray(y[:real].reshape(-1), dtype=np.int64)).to(device)
-        weights = torch.from_numpy(mask.reshape(-1).astype(np.float32)).to(device)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        step = _chunk_tokens(V)
-        for s in range(0, flat.shape[0], step):
-            nats = F.cross_entropy(flat[s:s + step].float(), targets[s:s + step], reduction="none")
-            total += (nats * weights[s:s + step]).sum().double()
-        return total.item()
 
 
 def summary_fields(tokenizer=None):
