@@ -156,7 +156,8 @@ class Evaluation:
             yield chunk, x, kinds, targets
 
     def score_chunk(self, batch, start: int, logits: np.ndarray) -> None:
-        """Positions start .. start+len(logits) of a batch, flattened (row-major over (B, T))."""
+        """Positions start .. start+len(logits) of a batch, flattened (row-major over (B, T)).
+        `logits` must be the scorer's own copy; it is overwritten."""
         items, _, kinds, targets = batch
         T, n = self.T, len(logits)
         fp = logits @ self.probe_vec
@@ -169,7 +170,7 @@ class Evaluation:
         sel = np.nonzero(kind_of <= 1)[0]
         if len(sel):
             # float32 log-sum-exp minus the target logit, for the positions of scored rows
-            sub = logits[sel] if len(sel) < n else logits.copy()
+            sub = logits[sel] if len(sel) < n else logits      # the caller's private copy: changed in place
             tgt = targets[row_of[sel], t_of[sel]]
             row_max = sub.max(axis=1, keepdims=True)
             sub -= row_max
@@ -271,9 +272,10 @@ def serve(sock: socket.socket, load, probes: int | None = None,
                 if slot not in range(SLOTS) or not isinstance(n, int) or not 0 < n <= slot_positions \
                         or got + n > batch_size * T:
                     raise ProtocolError(f"a bad chunk {msg!r}")
-                view = np.frombuffer(shm, np.float32, n * vocab, slot * slot_bytes).reshape(n, vocab)
-                ev.score_chunk(batch, got, view)
-                del view
+                # a private copy first: the trainer can write the slot while we read it, and the
+                # causality fingerprint and the loss must see the same numbers
+                chunk = np.frombuffer(shm, np.float32, n * vocab, slot * slot_bytes).reshape(n, vocab).copy()
+                ev.score_chunk(batch, got, chunk)
                 got += n
                 send(sock, {"op": "free", "slot": slot})
             if got != batch_size * T and not ev.problem:
