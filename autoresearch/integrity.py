@@ -56,4 +56,5 @@ def scored_fields(scored: dict | None) -> dict:
     """What the ledger keeps of the scorer's result besides val_bpb: the hidden slice, probes."""
     if not scored:
         return {}
-    return {k: scored[k] for k in ("hidden_bpb", "hidden_tokens", "probes") if scored.get(k) is not None}
+    return {k: scored[k] for k in ("hidden_bpb", "hidden_tokens", "probes", "scorer_device")
+            if scored.get(k) is not None}

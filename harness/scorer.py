@@ -97,6 +97,69 @@ def _shared_buffer(nbytes: int) -> int:
 
 
 # -- the scorer -------------------------------------------------------------------------------
+# -- the arithmetic, on the device where there is one ----------------------------------------
+def numpy_math(logits, sel, tgt, probe_vec):
+    """(fingerprint of every position, float32 cross-entropy of positions `sel` against `tgt`).
+    `logits` is the scorer's own copy and is overwritten."""
+    fp = (logits @ probe_vec).astype(np.float64)
+    if not len(sel):
+        return fp, np.empty(0)
+    sub = logits[sel] if len(sel) < len(logits) else logits
+    sub -= sub.max(axis=1, keepdims=True)
+    target_shifted = sub[np.arange(len(sel)), tgt]
+    np.exp(sub, out=sub)
+    return fp, (np.log(sub.sum(axis=1)) - target_shifted).astype(np.float64)
+
+
+def torch_math(device):
+    import torch
+
+    def math_on_device(logits, sel, tgt, probe_vec):
+        x = torch.from_numpy(logits).to(device)
+        fp = (x @ torch.from_numpy(probe_vec).to(device)).double().cpu().numpy()
+        if not len(sel):
+            return fp, np.empty(0)
+        sub = x[torch.from_numpy(sel).to(device)] if len(sel) < len(logits) else x
+        t = torch.from_numpy(np.ascontiguousarray(tgt, dtype=np.int64)).to(device)
+        nats = torch.logsumexp(sub, dim=1) - sub.gather(1, t[:, None])[:, 0]
+        return fp, nats.double().cpu().numpy()
+    return math_on_device
+
+
+def mlx_math(logits, sel, tgt, probe_vec):
+    import mlx.core as mx
+    x = mx.array(logits)
+    fp = x @ mx.array(probe_vec)
+    if not len(sel):
+        return np.array(fp, dtype=np.float64), np.empty(0)
+    sub = x[mx.array(sel.astype(np.int32))] if len(sel) < len(logits) else x
+    t = mx.array(np.asarray(tgt, dtype=np.int32))
+    nats = mx.logsumexp(sub, axis=1) - mx.take_along_axis(sub, t[:, None], axis=1)[:, 0]
+    mx.eval(fp, nats)
+    return np.array(fp, dtype=np.float64), np.array(nats, dtype=np.float64)
+
+
+def pick_math(choice: str | None = None):
+    """(name, function): CUDA through torch, Metal through MLX, else numpy (fastest on a CPU).
+    $AUTORESEARCH_SCORER_DEVICE = auto | numpy | torch | mlx picks one by hand."""
+    import importlib.util
+    import shutil
+    choice = choice or os.environ.get("AUTORESEARCH_SCORER_DEVICE") or "auto"
+    if choice == "numpy":
+        return "numpy", numpy_math
+    if choice == "torch" or (choice == "auto" and shutil.which("nvidia-smi") and importlib.util.find_spec("torch")):
+        import torch
+        if torch.cuda.is_available():
+            return "torch cuda", torch_math("cuda")
+        if choice == "torch":
+            return "torch cpu", torch_math("cpu")
+    if choice == "mlx" or (choice == "auto" and sys.platform == "darwin" and importlib.util.find_spec("mlx")):
+        import mlx.core as mx
+        if choice == "mlx" or mx.metal.is_available():
+            return f"mlx {mx.default_device()}", mlx_math
+    return "numpy", numpy_math
+
+
 def plan_items(n_main: int, n_hidden: int, T: int, vocab: int, rng: np.random.Generator,
                probes: int | None = None) -> list[tuple]:
     """The evaluation's rows in order: ("main"|"hidden", i) or ("probe", k, kind, i, cut)."""
@@ -114,7 +177,8 @@ class Evaluation:
     """Scores one evaluation: the rows, the probes, the running sums."""
 
     def __init__(self, rows: np.ndarray, hidden: np.ndarray, token_bytes: np.ndarray, vocab: int,
-                 rng: np.random.Generator, probes: int | None = None):
+                 rng: np.random.Generator, probes: int | None = None, math=None):
+        self.math = math or numpy_math
         self.rows, self.hidden, self.token_bytes, self.vocab = rows, hidden, token_bytes, vocab
         self.T = rows.shape[1] - 1
         self.rng = rng
@@ -160,26 +224,16 @@ class Evaluation:
         `logits` must be the scorer's own copy; it is overwritten."""
         items, _, kinds, targets = batch
         T, n = self.T, len(logits)
-        fp = logits @ self.probe_vec
-        if not np.isfinite(fp).all():
-            self.problem = self.problem or "model(x) returned non-finite logits (NaN or inf)"
-            return
         pos = np.arange(start, start + n)
         row_of, t_of = pos // T, pos % T
         kind_of = kinds[row_of]
         sel = np.nonzero(kind_of <= 1)[0]
+        tgt = targets[row_of[sel], t_of[sel]]
+        fp, nats = self.math(logits, sel, tgt, self.probe_vec)
+        if not (np.isfinite(fp).all() and np.isfinite(nats).all()):
+            self.problem = self.problem or "model(x) returned non-finite logits (NaN or inf)"
+            return
         if len(sel):
-            # float32 log-sum-exp minus the target logit, for the positions of scored rows
-            sub = logits[sel] if len(sel) < n else logits      # the caller's private copy: changed in place
-            tgt = targets[row_of[sel], t_of[sel]]
-            row_max = sub.max(axis=1, keepdims=True)
-            sub -= row_max
-            target_shifted = sub[np.arange(len(sel)), tgt]
-            np.exp(sub, out=sub)
-            nats = np.log(sub.sum(axis=1)) - target_shifted
-            if not np.isfinite(nats).all():
-                self.problem = self.problem or "model(x) returned non-finite logits (NaN or inf)"
-                return
             counted = self.token_bytes[tgt] > 0
             for code, kind in ((0, "main"), (1, "hidden")):
                 self.nats[kind] += float(nats[counted & (kind_of[sel] == code)].sum(dtype=np.float64))
@@ -232,7 +286,9 @@ def serve(sock: socket.socket, load, probes: int | None = None,
         return {"invalid": f"a bad hello from the trainer: {hello!r}"}
     rows, hidden, token_bytes, vocab, meta = load()
     rng = rng or np.random.default_rng(secrets.randbits(128))
-    ev = Evaluation(rows, hidden, token_bytes, vocab, rng, probes)
+    device, math_fn = pick_math()
+    meta = {**meta, "scorer_device": device}
+    ev = Evaluation(rows, hidden, token_bytes, vocab, rng, probes, math=math_fn)
     T = ev.T
     slot_positions = max(1, CHUNK_BYTES // (4 * vocab))
     slot_bytes = slot_positions * vocab * 4

@@ -70,9 +70,15 @@ def reference_bpb(rows, tb):
     return nll[nbytes > 0].sum() / (math.log(2) * nbytes.sum())
 
 
-@pytest.mark.parametrize("batch_size", [1, 8, 13])
-def test_honest_model_is_scored_exactly_like_a_float64_reference(batch_size):
+@pytest.mark.parametrize("batch_size, device", [(1, "numpy"), (8, "numpy"), (13, "numpy"), (8, "torch"), (13, "mlx")])
+def test_honest_model_is_scored_exactly_like_a_float64_reference(batch_size, device, monkeypatch):
+    """The same numbers whichever library does the arithmetic (torch and MLX run here on the
+    CPU; on a GPU box the scorer picks torch on CUDA, on a Mac MLX on Metal)."""
+    if device != "numpy":
+        pytest.importorskip(device)
+    monkeypatch.setenv("AUTORESEARCH_SCORER_DEVICE", device)
     reply, result = evaluate(bigram(), batch_size)
+    assert result["scorer_device"].split()[0] == device
     rows, hidden, tb = data()
     assert reply["op"] == "done" and reply["val_bpb"] == result["val_bpb"]
     assert abs(result["val_bpb"] - reference_bpb(rows, tb)) < 1e-5
@@ -82,7 +88,11 @@ def test_honest_model_is_scored_exactly_like_a_float64_reference(batch_size):
     assert result["profile"] == "test" and "invalid" not in result
 
 
-def test_a_model_that_peeks_only_after_its_first_calls_is_refused():
+@pytest.mark.parametrize("device", ["numpy", "torch"])
+def test_a_model_that_peeks_only_after_its_first_calls_is_refused(device, monkeypatch):
+    if device != "numpy":
+        pytest.importorskip(device)
+    monkeypatch.setenv("AUTORESEARCH_SCORER_DEVICE", device)
     for after in (0, 2, 4):
         reply, result = evaluate(bigram(peek_after=after), batch_size=8)
         assert reply["op"] == "refused" and "reads future tokens" in result["invalid"], after
