@@ -1,9 +1,23 @@
 """The loader's plumbing behind prepare.make_dataloader: packing runs ahead of the training
 step in a background thread, and torch batches reach a CUDA device through pinned,
 double-buffered host memory with non-blocking copies."""
+import atexit
 import threading
 
 import numpy as np
+
+_workers = []   # (stop event, thread) of every prefetching thread
+
+
+@atexit.register
+def _stop_workers():
+    # A daemon thread still inside native code (tokenizer, torch) while the interpreter
+    # shuts down can abort the process after the summary was printed ("terminate called
+    # without an active exception"): stop and join them first.
+    for stop, thread in _workers:
+        stop.set()
+    for stop, thread in _workers:
+        thread.join(timeout=5)
 
 
 def prefetched(iterator, depth=4):
@@ -32,7 +46,9 @@ def prefetched(iterator, depth=4):
         except BaseException as e:  # handed to the consumer, with its traceback
             put(("error", e))
 
-    threading.Thread(target=worker, daemon=True, name="autoresearch-dataloader").start()
+    thread = threading.Thread(target=worker, daemon=True, name="autoresearch-dataloader")
+    _workers.append((stop, thread))
+    thread.start()
     try:
         while True:
             kind, value = items.get()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import anthropic
+import git
 import pytest
 
 from autoresearch.agents import AgentFailed, Context, make_digest
@@ -419,7 +420,8 @@ def test_claude_code_logged_out_stops_with_a_clear_error(tmp_path, fake_claude):
     r = run_cli(d, "run", "--agent", "claude-code", "--backend", "mlx", "--tag", "lo", "--max-experiments", "1",
                 env=cli_env(PATH=os.environ["PATH"], FAKE_CLAUDE_LOG=str(fake_claude), FAKE_CLAUDE_MODE="logged_out"))
     assert r.returncode == 2 and "log in" in r.stderr and "Traceback" not in r.stderr
-    assert len(tsv_rows(d)) == 1          # the baseline ran; nothing else was logged
+    # found by the start-up check: no branch, no baseline
+    assert not (d / "results.tsv").exists() and "autoresearch/lo" not in git.Repo(d).git.branch()
 
 
 def test_anthropic_rejected_key_mid_run_is_a_setup_error(tmp_path, stub):

@@ -382,9 +382,13 @@ def test_corrupt_shard_names_the_file_and_the_fix(builtin_cache, tmp_path):
     shutil.copytree(builtin_cache["AUTORESEARCH_CACHE"], cache, ignore=shutil.ignore_patterns("downloads"))
     env = {**builtin_cache, "AUTORESEARCH_CACHE": str(cache)}
     shard = cache / "builtin" / "data" / "shard_00000.parquet"
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a partial file
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[: len(whole) // 2])  # a partial file
     code = "import prepare; t = prepare.Tokenizer.from_directory(); next(prepare.make_dataloader(t, 2, 64, 'train'))"
     assert_user_error(run_prepare_py([], env, code=code), str(shard), "Delete it", "--dataset builtin")
+    # the start-up check (the runner's, before any training) names it too
+    assert_user_error(run_prepare_py([], env, code="import prepare; prepare.ensure_prepared()"), str(shard), "Delete it")
+    shard.write_bytes(whole)
     val = cache / "builtin" / "data" / "val.parquet"
     val.write_bytes(b"garbage")
     assert_user_error(run_prepare_py([], env, code="import prepare; prepare.ensure_prepared()"), str(val), "Delete it")

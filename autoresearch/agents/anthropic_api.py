@@ -123,15 +123,15 @@ PROMPT = """You are running one experiment of an autonomous research loop.
 
 {digest}
 
-Make ONE focused change to {training_file} that you expect to {goal}, using the
-str_replace_based_edit_tool (view the file first). Only {training_file} may be viewed or
+Make ONE focused change to {training_file} that you expect to {goal}, using
+{tools}. Only {training_file} may be viewed or
 edited. Do not run anything: the harness runs and scores it after you finish.
 When done, reply with a final line of the form
 DESCRIPTION: <one short line describing the change>"""
 
 FIX_PROMPT = """The last experiment crashed. Fix the crash in {training_file} with a minimal edit
 that keeps the idea of the change (e.g. a typo, a shape mismatch, a missing import), or make
-no edit if it cannot be fixed.
+no edit if it cannot be fixed. Use {tools}.
 
 {digest}
 
@@ -139,12 +139,15 @@ When done, reply with a final line of the form
 DESCRIPTION: <one short line describing the change, including the fix>"""
 
 
-def experiment_prompt(ctx: Context) -> str:
-    return PROMPT.format(digest=ctx.digest, training_file=ctx.training_file, goal=ctx.objective.goal)
+EDITOR_HINT = "the str_replace_based_edit_tool (view the file first)"
 
 
-def fix_prompt(ctx: Context) -> str:
-    return FIX_PROMPT.format(digest=ctx.digest, training_file=ctx.training_file)
+def experiment_prompt(ctx: Context, tools: str = EDITOR_HINT) -> str:
+    return PROMPT.format(digest=ctx.digest, training_file=ctx.training_file, goal=ctx.objective.goal, tools=tools)
+
+
+def fix_prompt(ctx: Context, tools: str = EDITOR_HINT) -> str:
+    return FIX_PROMPT.format(digest=ctx.digest, training_file=ctx.training_file, tools=tools)
 
 
 def description_from(text: str) -> str:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A fake `claude` executable for the claude-code agent tests (installed on PATH as `claude`).
 
-It records its argv, then behaves per FAKE_CLAUDE_MODE:
+It answers the agent's start-up check ("Reply with the word OK."), records the argv of every
+other call, then behaves per FAKE_CLAUDE_MODE:
   edit            raise MATRIX_LR in the training file by 1.5x, report success
   overloaded_once first call: an API 529 (subtype "success", is_error true, exit 1); then edit
   noedit          report success without editing
@@ -16,11 +17,16 @@ import sys
 from pathlib import Path
 
 args = sys.argv[1:]
+mode = os.environ.get("FAKE_CLAUDE_MODE", "edit")
+cost = float(os.environ.get("FAKE_CLAUDE_COST", "0.05"))
+if args[1:2] == ["Reply with the word OK."]:     # the agent's start-up check: not an experiment
+    bad = mode == "logged_out"
+    print(json.dumps({"type": "result", "subtype": "success", "is_error": bad, "num_turns": 1, "total_cost_usd": 0,
+                      "result": "Invalid API key · Please run /login" if bad else "OK"}))
+    sys.exit(1 if bad else 0)
 with open(os.environ["FAKE_CLAUDE_LOG"], "a") as f:
     f.write(json.dumps(args) + "\n")
 calls = sum(1 for _ in open(os.environ["FAKE_CLAUDE_LOG"]))
-mode = os.environ.get("FAKE_CLAUDE_MODE", "edit")
-cost = float(os.environ.get("FAKE_CLAUDE_COST", "0.05"))
 
 
 def result(text, subtype="success", is_error=False, code=0):
