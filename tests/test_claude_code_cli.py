@@ -167,3 +167,30 @@ def test_running_out_of_turns_fails_the_proposal(tmp_path, stub):
     r = run_cli(d, *RUN, "--max-experiments", "1", "--max-turns", "2", env=claude_env(stub, tmp_path), timeout=300)
     assert r.returncode == 3 and "used all 2 turns" in r.stdout, r.stdout + r.stderr
     assert "without a usable edit" in r.stdout
+
+
+def test_the_cli_connects_to_nothing_but_the_stub(tmp_path, stub):
+    """Every socket the CLI and its children open to an IP address goes to loopback (strace
+    records each connect(); DNS lookups of Anthropic's hosts would show as well)."""
+    strace = shutil.which("strace")
+    if strace is None:
+        if os.environ.get("CI"):
+            pytest.fail("strace is missing: .ci/run installs it")
+        pytest.skip("strace is not installed (apt install strace)")
+    d = project(tmp_path)
+    trace = tmp_path / "connect.trace"
+    wrapper = tmp_path / "claude"
+    wrapper.write_text(f'#!/bin/sh\nexec {strace} -f -qq --seccomp-bpf -e trace=connect -o "{trace}" '
+                       f'"{bundled_claude()}" "$@"\n')
+    wrapper.chmod(0o755)
+    env = claude_env(stub, tmp_path)
+    env["AUTORESEARCH_CLAUDE"] = str(wrapper)
+    r = run_cli(d, *RUN, "--max-experiments", "1", env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ledger_records(d, "result")[-1]["status"] == "keep"
+    calls = [line for line in trace.read_text().splitlines() if "connect(" in line]
+    inet = [line for line in calls if "AF_INET" in line]
+    assert inet, calls                                   # the stub was reached over TCP
+    strays = [line for line in inet if not any(a in line for a in ('"127.0.0.1"', '"::1"', '"::ffff:127.0.0.1"'))]
+    assert not strays, strays
+    only_local_traffic(stub)
