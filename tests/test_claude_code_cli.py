@@ -98,7 +98,9 @@ def test_the_hook_and_the_permissions_keep_prepare_py_out_of_reach(tmp_path, stu
     r = run_cli(d, *RUN, "--max-experiments", "1", env=claude_env(stub, tmp_path), timeout=300)
     assert (d / "prepare.py").read_text() == before
     assert "without editing the training file" in r.stdout, r.stdout + r.stderr
-    assert any("Blocked: prepare.py is protected" in t for t in tool_results(stub)), tool_results(stub)
+    # the project's hook and the agent's scope hook run side by side; the CLI reports one refusal
+    refusals = ("Blocked: prepare.py is protected", "only train_mlx.py may be edited")
+    assert any(r in t for t in tool_results(stub) for r in refusals), tool_results(stub)
 
 
 def test_user_settings_that_accept_all_edits_cannot_widen_the_scope(tmp_path, stub):
