@@ -6,6 +6,7 @@ repository sees exactly what a human typing git would produce (hooks aside).
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import subprocess
@@ -250,7 +251,7 @@ def _git(repo_root: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True, check=True).stdout
 
 
-def _git_dir(repo_root: Path) -> Path:
+def git_dir_of(repo_root: Path) -> Path:
     return Path(repo_root, _git(repo_root, "rev-parse", "--git-dir").strip()).resolve()
 
 
@@ -268,7 +269,6 @@ def _control_files(git_dir: Path) -> dict[str, bytes]:
 
 
 def _is_run_output(rel: str) -> bool:
-    import fnmatch
     return "/" not in rel and any(fnmatch.fnmatch(rel, p) for p in RUN_OUTPUTS)
 
 
@@ -278,7 +278,7 @@ def snapshot(repo_root: Path) -> dict:
     ones too, e.g. a __pycache__ or the venv) by size and mtime. The runner's own books are
     not part of it."""
     repo_root = Path(repo_root)
-    git_dir = _git_dir(repo_root)
+    git_dir = git_dir_of(repo_root)
     tracked = {}
     for rel in _git(repo_root, "ls-files", "-z").split("\0"):
         p = repo_root / rel

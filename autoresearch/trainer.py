@@ -259,7 +259,7 @@ def _kernel_cache(repo_root: Path, key: str | None) -> Path | None:
     if key is None:
         return None
     try:
-        base = gitops._git_dir(repo_root) / "autoresearch-kernels"
+        base = gitops.git_dir_of(repo_root) / "autoresearch-kernels"
     except subprocess.CalledProcessError:
         return None
     base.mkdir(exist_ok=True)

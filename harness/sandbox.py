@@ -26,8 +26,6 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("bwrap", "sandbox-exec", "none")
-
 # Parts of /etc a Python process, g++ (MLX compiles CPU kernels) and CUDA need; the rest
 # (shadow, ssh host keys, credentials some distributions keep there) stays out.
 ETC_ENTRIES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "passwd", "group", "nsswitch.conf",
@@ -90,10 +88,15 @@ class Sandbox:
         return list(command)
 
 
+def _bwrap() -> str | None:
+    """The bubblewrap executable ($AUTORESEARCH_BWRAP, else bwrap on PATH), or None."""
+    return shutil.which(os.environ.get("AUTORESEARCH_BWRAP") or "bwrap")
+
+
 def detect(allow_network: bool = False) -> tuple[str, str]:
     """(kind, reason): the sandbox this machine can run, or 'none' and why not."""
     if sys.platform.startswith("linux"):
-        bwrap = shutil.which(os.environ.get("AUTORESEARCH_BWRAP") or "bwrap")
+        bwrap = _bwrap()
         if not bwrap:
             return "none", "bubblewrap is not installed (Debian/Ubuntu: apt install bubblewrap)"
         probe = [bwrap, "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--unshare-pid",
@@ -150,7 +153,7 @@ def interpreter_paths() -> list[Path]:
 
 def bwrap_args(sb: Sandbox) -> list[str]:
     """The bubblewrap command line (without the command) for the sandbox `sb`."""
-    args = [shutil.which(os.environ.get("AUTORESEARCH_BWRAP") or "bwrap") or "bwrap", "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+    args = [_bwrap() or "bwrap", "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--new-session", "--cap-drop", "ALL"]
     if not sb.allow_network:
         args.append("--unshare-net")
