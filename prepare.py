@@ -36,9 +36,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from harness import download, errors, eval_kernels, integrity, prefetch, tokenizer_training
+from harness import download, errors, eval_kernels, integrity, prefetch, tokenizer_training, unigram
 from harness.blas import use_tuned_blas  # noqa: F401  (train_mlx.py calls it before importing MLX)
-from harness.devices import peak_flops  # noqa: F401  (the trainers' mfu_percent)
+from harness.devices import gpu_expected, peak_flops  # noqa: F401  (peak_flops: the trainers' mfu_percent)
 from harness.download import MAX_SHARD, VAL_SHARD
 from harness.errors import HarnessError
 from harness.integrity import HIDDEN_EVAL_FRACTION
@@ -65,7 +65,8 @@ BOS_TOKEN = "<|reserved_0|>"
 errors.install_excepthook()
 
 # ---------------------------------------------------------------------------
-# Profiles: standard = upstream's numbers; quick and smoke for small machines and tests
+# Profiles: standard = upstream's numbers (the default on a GPU), cpu = where a CPU model
+# learns (the default on a CPU), quick = a smaller eval, smoke = tests only (learns nothing)
 # ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -79,13 +80,19 @@ class Profile:
 PROFILES = {
     "standard": Profile("standard", MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS),
     "quick": Profile("quick", MAX_SEQ_LEN, TIME_BUDGET, 4 * 524288),
+    "cpu": Profile("cpu", 256, 120, 128 * 256),
     "smoke": Profile("smoke", 256, 15, 64 * 256),
 }
 
 
+def default_profile_name():
+    """standard where the trainers will find a GPU, cpu where they will not."""
+    return "standard" if gpu_expected() else "cpu"
+
+
 def get_profile(name=None):
-    """The profile called `name` (default: $AUTORESEARCH_PROFILE, else standard)."""
-    name = name if name is not None else (os.environ.get("AUTORESEARCH_PROFILE") or "standard")
+    """The profile called `name` (default: $AUTORESEARCH_PROFILE, else standard on a GPU, cpu on a CPU)."""
+    name = name if name is not None else (os.environ.get("AUTORESEARCH_PROFILE") or default_profile_name())
     if name not in PROFILES:
         raise HarnessError(f"unknown profile {name!r} (AUTORESEARCH_PROFILE); "
                            f"valid profiles: {', '.join(PROFILES)}")
@@ -93,6 +100,17 @@ def get_profile(name=None):
 
 
 PROFILE = get_profile()
+
+
+def profile_line(on_gpu):
+    """The trainer's start-up line naming the profile and why it is the one in use."""
+    if os.environ.get("AUTORESEARCH_PROFILE"):
+        return f"Profile: {PROFILE.name} (AUTORESEARCH_PROFILE)"
+    if (PROFILE.name == "standard") == on_gpu:
+        return (f"Profile: {PROFILE.name} (the default on a {'GPU' if on_gpu else 'CPU'}; "
+                f"AUTORESEARCH_PROFILE={'cpu' if on_gpu else 'standard'} selects the other)")
+    return (f"Profile: {PROFILE.name} (the default here), but this trainer runs on the "
+            f"{'GPU' if on_gpu else 'CPU'}: AUTORESEARCH_PROFILE={'standard' if on_gpu else 'cpu'} fits it")
 SEED = int(os.environ.get("AUTORESEARCH_SEED") or 42)
 
 # ---------------------------------------------------------------------------
@@ -522,6 +540,17 @@ def eval_rows(tokenizer, profile=None, dataset=None):
     return _eval_rows_cache[key]
 
 
+def print_unigram_floors(dataset):
+    """Count the training tokens now (cached), so the first run does not, and show the floors."""
+    tokenizer, floors = Tokenizer.from_directory(tokenizer_dir(dataset)), []
+    for name in ("standard", "cpu"):
+        try:
+            floors.append(f"{name} profile {unigram_bpb(tokenizer, PROFILES[name], dataset):.4f}")
+        except HarnessError:  # a validation shard too small for this profile's rows
+            pass
+    print(f"Unigram floor (bpb of token frequencies on the eval rows): {', '.join(floors) or 'no profile fits'}")
+
+
 def _model_backend(model):
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(model, torch.nn.Module):
@@ -563,6 +592,8 @@ def evaluate_bpb(model, tokenizer, batch_size, backend=None):
                              "Fix the model in the training file.")
     bpb = _rows_bpb(model, rows, batch_size, backend, token_bytes)
     _last_eval_tokens[0] = len(rows) * (rows.shape[1] - 1)
+    _last_unigram_bpb[0] = None
+    _last_tokenizer[0] = tokenizer   # summary_fields reuses its eval rows for the unigram floor
     return bpb
 
 
@@ -574,6 +605,7 @@ def _evaluate_with_scorer(model, batch_size, backend):
         print(f"evaluate_bpb: the scorer refused the model: {problem}", flush=True)
         raise IntegrityError(f"evaluate_bpb refused to score the model: {problem}. Fix the model in the training file.")
     _last_eval_tokens[0] = reply["eval_tokens"]
+    _last_unigram_bpb[0] = reply.get("unigram_bpb")
     return reply["val_bpb"]
 
 
@@ -608,11 +640,31 @@ def _mlx_cross_entropy_in_numpy():
 
 
 def summary_fields(tokenizer=None):
-    """The last three summary lines: dataset, profile, and the tokens evaluate_bpb scores."""
+    """The last summary lines: dataset, profile, the tokens evaluate_bpb scores, and the
+    unigram floor of those rows (a run that does not beat it learned only token counts)."""
+    tokenizer = tokenizer or _last_tokenizer[0] or Tokenizer.from_directory()
     if _last_eval_tokens[0] is None:
-        rows = eval_rows(tokenizer or Tokenizer.from_directory())
+        rows = eval_rows(tokenizer)
         _last_eval_tokens[0] = len(rows) * (rows.shape[1] - 1)
-    return {"dataset": DATASET, "profile": PROFILE.name, "eval_tokens": _last_eval_tokens[0]}
+    if _last_unigram_bpb[0] is None:
+        _last_unigram_bpb[0] = unigram_bpb(tokenizer)
+    return {"dataset": DATASET, "profile": PROFILE.name, "eval_tokens": _last_eval_tokens[0],
+            "unigram_bpb": f"{_last_unigram_bpb[0]:.6f}"}
+
+
+_last_unigram_bpb = [None]   # set by the scorer's reply under the runner
+_last_tokenizer = [None]
+
+
+def unigram_bpb(tokenizer, profile=None, dataset=None):
+    """The unigram floor: bits per byte, on the eval rows, of predicting every token with its
+    training-data frequency (harness/unigram.py; the counts are cached with the tokenizer)."""
+    dataset = dataset or DATASET
+    rows = eval_rows(tokenizer, profile, dataset)
+    counts = unigram.cached_counts(
+        tokenizer_dir(dataset), tokenizer.get_vocab_size(),
+        lambda: _tokenized_batches(tokenizer, _document_batches("train", dataset, cycle=False)))
+    return unigram.unigram_bpb(counts, rows, get_token_bytes(dataset))
 
 # ---------------------------------------------------------------------------
 # Evaluation integrity: the causality probe (harness/integrity.py), the hidden validation slice
@@ -690,6 +742,7 @@ def main(argv=None):
         raise HarnessError(f"unknown dataset {args.dataset!r}; valid: {', '.join(NAMED_DATASETS)}, or an existing "
                            f"folder or glob of .txt/.parquet files")
     ensure_prepared(name)
+    print_unigram_floors(name)
     _set_active_dataset(name)
     print(f"Done in {time.time() - t0:.1f}s. Active dataset: {name} (AUTORESEARCH_DATASET overrides). Ready to train.")
 

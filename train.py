@@ -3,8 +3,8 @@ autoresearch pretraining script, torch backend (CUDA; CPU for tests and demos).
 Single device, single file. The same GPT and optimizer family as train_mlx.py
 (which follows Karpathy's autoresearch train.py), scored by the same harness.
 
-Usage: uv run train.py                          (profile from AUTORESEARCH_PROFILE)
-       AUTORESEARCH_PROFILE=smoke uv run train.py   (a tiny model; runs on a CPU)
+Usage: uv run train.py                          (AUTORESEARCH_PROFILE, else cpu on a CPU, standard on a GPU)
+       AUTORESEARCH_PROFILE=smoke uv run train.py   (tests: a tiny model that learns nothing)
 """
 
 import os
@@ -27,7 +27,7 @@ except ImportError:
     sys.exit("train.py needs PyTorch, which is not installed in this environment. On a Linux GPU box: "
              "`uv sync --extra cuda`, then `uv run train.py`. On a Mac, use the MLX trainer: `uv run train_mlx.py`.")
 
-from prepare import PROFILE, Tokenizer, make_dataloader, evaluate_bpb, summary_fields, peak_flops
+from prepare import PROFILE, Tokenizer, make_dataloader, evaluate_bpb, summary_fields, peak_flops, profile_line
 
 # ---------------------------------------------------------------------------
 # Attention: Flash Attention 3 when the kernel hub delivers it, else torch's own
@@ -501,8 +501,13 @@ FINAL_LR_FRAC = 0.0     # final LR as fraction of initial
 DEPTH = 8               # number of transformer layers
 DEVICE_BATCH_SIZE = 128 # per-device batch size (reduce if OOM)
 
+if PROFILE.name == "cpu":
+    # The default on a CPU (120 s, 256-token rows): a small model, small steps, that learns there.
+    DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 32, 64
+    DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 16, 2**12
+
 if PROFILE.name == "smoke":
-    # Tests and CPU demos: a tiny model that takes a few hundred steps in the smoke budget.
+    # Tests only: a tiny model that takes a few steps in the smoke budget and learns nothing.
     DEPTH, ASPECT_RATIO, HEAD_DIM = 2, 32, 32
     DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 8, 8 * PROFILE.seq_len
 
@@ -625,6 +630,7 @@ def main():
     attention_kind = choose_attention(device, os.environ.get("AUTORESEARCH_ATTENTION", "auto").strip().lower())
     print(f"Device: {device_description(device)} ({device.type}), attention: {attention_kind}, "
           f"profile: {PROFILE.name}, seed: {seed}")
+    print(profile_line(device.type != "cpu"))
 
     tokenizer = Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()
@@ -764,6 +770,7 @@ def main():
     print(f"dataset:          {fields['dataset']}")
     print(f"profile:          {fields['profile']}")
     print(f"eval_tokens:      {fields['eval_tokens']}")
+    print(f"unigram_bpb:      {fields['unigram_bpb']}")
 
 
 if __name__ == "__main__":

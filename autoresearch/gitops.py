@@ -28,7 +28,8 @@ PROTECTED_PATHS = ("prepare.py", "harness", "pyproject.toml", "uv.lock", "progra
                    "metal_kernels")
 
 # Untracked outputs of a run; added to .git/info/exclude so they never dirty the tree.
-RUN_OUTPUTS = ("results.tsv", "results.*.tsv", "ledger.jsonl", "ledger.*.jsonl", "run.log", "run.seed*.log", "progress.png")
+RUN_OUTPUTS = ("results.tsv", "results.*.tsv", "ledger.jsonl", "ledger.*.jsonl", "optuna.db", "run.log", "run.seed*.log",
+               "progress.png")
 
 
 class GitError(RuntimeError):
@@ -220,7 +221,7 @@ def run_output_paths(repo_root: Path) -> list[Path]:
     return out
 
 
-BOOKS = ("ledger.jsonl", "results.tsv", "results.*.tsv")
+BOOKS = ("ledger.jsonl", "results.tsv", "results.*.tsv", "optuna.db")
 
 
 def read_books(repo_root: Path) -> dict[str, bytes]:

@@ -53,8 +53,9 @@ def check_summary(summary: dict, harness: dict, scored: dict | None, expected_ev
 
 
 def scored_fields(scored: dict | None) -> dict:
-    """What the ledger keeps of the scorer's result besides val_bpb: the hidden slice, probes."""
+    """What the ledger keeps of the scorer's result besides val_bpb: the hidden slice, probes,
+    the unigram floor of the eval rows."""
     if not scored:
         return {}
-    return {k: scored[k] for k in ("hidden_bpb", "hidden_tokens", "probes", "scorer_device")
+    return {k: scored[k] for k in ("hidden_bpb", "hidden_tokens", "probes", "scorer_device", "unigram_bpb")
             if scored.get(k) is not None}

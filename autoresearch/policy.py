@@ -131,8 +131,10 @@ class Decisions:
             # the logged number is the scorer's, whatever the summary claimed
             return "invalid", {"invalid_reason": problem, "val_bpb": (outcome.scored or {}).get("val_bpb")}
         r = self.runner
+        unigram = {"unigram_bpb": outcome.summary["unigram_bpb"]} \
+            if isinstance((outcome.summary or {}).get("unigram_bpb"), float) else {}
         return None, {"blob": blob_id(r.repo_root, r.training_file), "decide": rule_name,
-                      **scored_fields(outcome.scored), **self._direction_field()}
+                      **unigram, **scored_fields(outcome.scored), **self._direction_field()}
 
     def baseline(self, exp: int, outcome) -> tuple[str, dict]:
         """The baseline's status and fields; with the noise rule and no comparable noise floor,

@@ -32,11 +32,24 @@ def summary_table(results: list[dict]) -> str:
         way = "higher" if best.get("direction") == "max" else "lower"
         lines.append(f"baseline {base['val_bpb']:.6f} -> best {best['val_bpb']:.6f} ({gain:.2f}% {way}) "
                      f"at {best['commit_short']}: {best['description']}")
+        lines += floor_lines(base, best)
         profiles = sorted({(r.get("profile"), r.get("dataset"), r.get("eval_tokens")) for r in kept}, key=str)
         if len(profiles) > 1:
             lines.append(f"WARNING: results span several profile/dataset/eval sizes {profiles}: not comparable.")
     lines += report_lines(rows)
     return "\n".join(lines)
+
+
+def floor_lines(base: dict, best: dict) -> list[str]:
+    """The unigram floor beside the baseline: a val_bpb not below it learned only token counts."""
+    floor = base.get("unigram_bpb")
+    if not isinstance(floor, (int, float)) or best.get("direction") == "max":
+        return []
+    line = (f"unigram floor {floor:.6f}: baseline at {base['val_bpb'] / floor:.3f} x the floor, "
+            f"best at {best['val_bpb'] / floor:.3f} x")
+    if best["val_bpb"] >= floor:
+        line += " (WARNING: not below the floor, the model learned no more than token counts)"
+    return [line]
 
 
 def status_text(ledger: Ledger, repo) -> str:
@@ -57,6 +70,7 @@ def status_text(ledger: Ledger, repo) -> str:
         base = min((r for r in results if r["status"] == "keep"), key=lambda r: r["exp"])
         lines.append(f"baseline: {base['val_bpb']:.6f}   best: {best['val_bpb']:.6f} at {best['commit_short']} "
                      f"({best['description']})")
+        lines += floor_lines(base, best)
     lines.append(f"API spend (agent and judge): ${ledger.spent_usd():.4f}")
     open_exp = ledger.open_experiment()
     if open_exp:

@@ -430,7 +430,8 @@ class Runner:
         return Context(repo_root=self.repo_root, training_file=self.training_file,
                        program=program.read_text() if program.exists() else "",
                        digest=make_digest(history, self.training_file, crash_log, objective=self.objective),
-                       history=history, crash_log=crash_log, budget_left_usd=left, objective=self.objective)
+                       history=history, crash_log=crash_log, budget_left_usd=left, objective=self.objective,
+                       tag=self.config.tag)
 
     def _propose(self, exp: int) -> Proposal:
         """Ask the agent for an edit; an outage pauses (doubling waits) instead of ending the run."""

@@ -402,7 +402,8 @@ def confine(trainer: Trainer, harness: dict, sandbox: str | None = None, require
     if harness.get("mode") != "metric" and harness.get("data_dir"):
         c.readable = (harness["data_dir"], harness["tokenizer_dir"])
         c.hidden = (harness["val_path"],)
-        c.harness_env = {"AUTORESEARCH_CACHE": harness["cache_dir"], "AUTORESEARCH_DATASET": harness["dataset"]}
+        c.harness_env = {"AUTORESEARCH_CACHE": harness["cache_dir"], "AUTORESEARCH_DATASET": harness["dataset"],
+                         "AUTORESEARCH_PROFILE": harness["profile"]}
         c.scorer = bool(harness.get("scorer"))
     trainer.confinement = c
     if sandbox is None:

@@ -1,5 +1,22 @@
-"""Device peak FLOPs (for MFU): dense, per device, by dtype. prepare.py re-exports peak_flops."""
+"""Device peak FLOPs (for MFU): dense, per device, by dtype, and whether a GPU is there
+(which picks the default profile). prepare.py re-exports both."""
+import os
+import platform
 import re
+import sys
+
+
+def gpu_expected():
+    """Whether the trainers will find a GPU, told without importing MLX or torch: Apple
+    Silicon (Metal), or an NVIDIA driver that CUDA_VISIBLE_DEVICES does not hide.
+    AUTORESEARCH_DEVICE=cpu (train.py's device switch) says no."""
+    if os.environ.get("AUTORESEARCH_DEVICE") == "cpu":
+        return False
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
 
 # NVIDIA: dense tensor-core throughput with fp32 accumulation (bf16/fp16), and tf32/fp32.
 _NVIDIA_PEAKS = [  # (name pattern, {dtype: FLOP/s}); the first matching pattern wins

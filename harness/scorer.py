@@ -348,7 +348,8 @@ def serve(sock: socket.socket, load, probes: int | None = None,
         if "invalid" in result:
             send(sock, {"op": "refused", "reason": result["invalid"]})
         else:
-            send(sock, {"op": "done", "val_bpb": result["val_bpb"], "eval_tokens": result["eval_tokens"]})
+            send(sock, {"op": "done", "val_bpb": result["val_bpb"], "eval_tokens": result["eval_tokens"],
+                        "unigram_bpb": result.get("unigram_bpb")})
     except OSError:
         pass
     return result
@@ -358,7 +359,7 @@ def serve(sock: socket.socket, load, probes: int | None = None,
 def evaluate_remote(fd: int, batch_logits, batch_size: int) -> dict:
     """Hand the scorer logits for every batch it sends. `batch_logits(x)` takes (B, T) int32
     inputs and yields (logits shape, float32 numpy chunks (n, V) in row-major order).
-    Returns the scorer's final message: {"op": "done", "val_bpb", "eval_tokens"} or
+    Returns the scorer's final message: {"op": "done", "val_bpb", "eval_tokens", "unigram_bpb"} or
     {"op": "refused", "reason"}."""
     sock = socket.socket(fileno=fd)
     try:
@@ -431,7 +432,8 @@ def main(argv=None) -> int:
         tok = prepare.Tokenizer.from_directory()
         rows = prepare.eval_rows(tok)
         hidden = prepare.hidden_rows(tok)
-        meta = {"profile": prepare.PROFILE.name, "dataset": prepare.DATASET}
+        meta = {"profile": prepare.PROFILE.name, "dataset": prepare.DATASET,
+                "unigram_bpb": prepare.unigram_bpb(tok)}
         return rows, hidden, prepare.get_token_bytes(), tok.get_vocab_size(), meta
 
     sock = socket.socket(fileno=args.fd)

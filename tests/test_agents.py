@@ -157,6 +157,63 @@ def test_hparam_edits_the_real_trainers_constants():
         assert "MATRIX_LR" in names and "DEPTH" in names and "TOTAL_BATCH_SIZE" not in names
 
 
+# -- hparam-tpe (Optuna) ---------------------------------------------------------------------
+def _study(d, tag):
+    import optuna
+    return optuna.load_study(study_name=f"autoresearch/{tag}", storage=f"sqlite:///{d / 'optuna.db'}")
+
+
+def test_tpe_proposes_points_of_the_space_fixed_at_the_start(tmp_path):
+    from autoresearch.agents.tpe import TPEAgent, search_space
+    space = search_space(TRAINER)
+    assert space == {"MATRIX_LR": ["float", 0.005, 0.32, True], "WARMUP_RATIO": ["float", 0.0, 0.95, False],
+                     "WARMDOWN_RATIO": ["float", 0.0, 0.95, False], "DEPTH": ["int", 1, 8, False]}
+    f = tmp_path / "train_mlx.py"
+    f.write_text(TRAINER)
+    history = [{"exp": 0, "status": "keep", "description": "baseline", "val_bpb": 1.5, "blob": blob_hash(TRAINER)}]
+    seen = set()
+    for i in range(6):
+        prop = TPEAgent(seed=1).propose(Context(tmp_path, "train_mlx.py", "", "", list(history), tag="u"))
+        text = f.read_text()
+        values = {n: v for n, v, _ in read_constants(text)}
+        assert all(space[n][1] <= v <= space[n][2] for n, v in values.items())
+        assert "DEPTH = 2" in text and "    MATRIX_LR = 1.0" in text     # indented lines untouched
+        assert prop.meta["tpe"]["trial"] == i + 1 and prop.meta["tpe"]["blob"] == blob_hash(text)
+        assert text not in seen and text != TRAINER
+        seen.add(text)
+        history.append({"exp": i + 1, "status": "discard", "description": prop.description,
+                        "val_bpb": 2.0 + i, "agent_meta": prop.meta})
+        f.write_text(TRAINER)                              # the runner resets a discard
+    study = _study(tmp_path, "u")
+    told = [(t.number, t.value) for t in study.trials if t.value is not None]
+    assert told == [(0, 1.5)] + [(i + 1, 2.0 + i) for i in range(5)]
+    assert study.trials[0].params == {"MATRIX_LR": 0.04, "WARMUP_RATIO": 0.0, "WARMDOWN_RATIO": 0.9, "DEPTH": 4}
+
+
+def test_tpe_is_told_only_the_runners_record_through_a_resume(tmp_path):
+    """The loop with the hparam-tpe agent: every value in the study is the ledger's value of
+    that experiment (crashes fail), and `--resume` continues the same study."""
+    d = tmp_path / "p"
+    make_repo(d)
+    r = run_cli(d, "run", "--agent", "hparam-tpe", "--backend", "mlx", "--tag", "t", "--max-experiments", "4",
+                "--decide", "greedy")
+    assert r.returncode == 0, r.stderr
+    r = run_cli(d, "run", "--resume", "--tag", "t", "--max-experiments", "8")
+    assert r.returncode == 0, r.stderr
+    results = ledger_records(d, "result")
+    study = _study(d, "t")
+    assert len(results) == 9 and len(study.trials) >= 9
+    assert study.trials[0].value == results[0]["val_bpb"] and study.trials[0].user_attrs["baseline"]
+    import optuna
+    for rec in results[1:-1]:     # the last result is told at the next proposal
+        trial = study.trials[rec["agent_meta"]["tpe"]["trial"]]
+        if rec["status"] in ("keep", "discard"):
+            assert trial.value == rec["val_bpb"] == fake_val_of(git.Repo(d).git.show(f"{rec['commit']}:train_mlx.py"))
+        else:
+            assert rec["status"] == "crash" and trial.state == optuna.trial.TrialState.FAIL
+    assert git.Repo(d).git.status("--porcelain") == ""    # optuna.db is one of the run's untracked books
+
+
 # -- anthropic -----------------------------------------------------------------------------
 def test_anthropic_tool_use_edit_end_turn_through_the_loop(tmp_path, stub):
     d = tmp_path / "p"

@@ -57,6 +57,8 @@ def test_real_train_mlx_smoke_two_experiments_with_hparam(tmp_path, builtin_cach
     # the real trainer ran sandboxed and was scored by the runner's scorer
     assert base["sandbox"] == ("bwrap" if shutil.which("bwrap") else "none")
     assert base["probes"] >= 8 and base["hidden_bpb"] > 0
+    # the unigram floor of the eval rows, from the scorer, is the one the summary printed
+    assert base["unigram_bpb"] == pytest.approx(base["summary"]["unigram_bpb"], abs=1e-6) and base["unigram_bpb"] > 2
     for res in results[1:]:
         assert res["status"] in ("keep", "discard", "crash")
         assert res["agent_meta"]["hparam"]["name"]
@@ -66,3 +68,4 @@ def test_real_train_mlx_smoke_two_experiments_with_hparam(tmp_path, builtin_cach
     assert repo.git.status("--porcelain", "--untracked-files=no") == ""
     s = run_cli(d, "report", env=env)
     assert s.returncode == 0 and (d / "progress.png").exists()
+    assert f"unigram floor {base['unigram_bpb']:.6f}: baseline at {base['val_bpb'] / base['unigram_bpb']:.3f}" in s.stdout

@@ -69,9 +69,10 @@ def test_profiles():
     p = prepare.PROFILES
     assert (p["standard"].seq_len, p["standard"].time_budget, p["standard"].eval_tokens) == (2048, 300, 20971520)
     assert (p["quick"].seq_len, p["quick"].time_budget, p["quick"].eval_tokens) == (2048, 300, 2097152)
+    assert (p["cpu"].seq_len, p["cpu"].time_budget, p["cpu"].eval_tokens) == (256, 120, 32768)
     assert (p["smoke"].seq_len, p["smoke"].time_budget, p["smoke"].eval_tokens) == (256, 15, 16384)
     assert prepare.get_profile("quick") is p["quick"]
-    with pytest.raises(prepare.HarnessError, match="valid profiles: standard, quick, smoke"):
+    with pytest.raises(prepare.HarnessError, match="valid profiles: standard, quick, cpu, smoke"):
         prepare.get_profile("fast")
 
 
@@ -80,18 +81,48 @@ def test_profile_and_dataset_come_from_env(tmp_path):
     out = run_prepare_py([], {"AUTORESEARCH_PROFILE": "quick", "AUTORESEARCH_DATASET": "builtin",
                               "AUTORESEARCH_CACHE": str(tmp_path), "AUTORESEARCH_SEED": "7"}, code=code)
     assert out.stdout.split() == ["quick", "builtin", str(tmp_path), "7"]
-    # without the env vars: the standard profile, the dataset prepared last (else climbmix), seed 42
+    # without the env vars: the cpu profile on this GPU-less box (standard where a GPU is), the
+    # dataset prepared last (else climbmix), seed 42
     out = run_prepare_py([], {"AUTORESEARCH_CACHE": str(tmp_path)}, code=code)
-    assert out.stdout.split()[:2] == ["standard", "climbmix"] and out.stdout.split()[3] == "42"
+    assert out.stdout.split()[:2] == ["cpu", "climbmix"] and out.stdout.split()[3] == "42"
     (tmp_path / "active_dataset").write_text("tinystories\n")
     out = run_prepare_py([], {"AUTORESEARCH_CACHE": str(tmp_path)}, code=code)
     assert out.stdout.split()[1] == "tinystories"
 
 
+def test_default_profile_follows_the_device(monkeypatch):
+    """cpu where the trainers will find no GPU, standard where they will; the trainer's start-up
+    line says which and why, and says so when the guess was wrong for its device."""
+    from harness import devices
+    nvidia = {"/proc/driver/nvidia/version"}
+    monkeypatch.setattr(devices.sys, "platform", "linux")
+    monkeypatch.setattr(devices.os.path, "exists", lambda p: p in nvidia)
+    for k in ("AUTORESEARCH_DEVICE", "CUDA_VISIBLE_DEVICES", "AUTORESEARCH_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    assert devices.gpu_expected() and prepare.default_profile_name() == "standard"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not devices.gpu_expected() and prepare.get_profile().name == "cpu"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("AUTORESEARCH_DEVICE", "cpu")         # train.py's switch to the CPU
+    assert prepare.default_profile_name() == "cpu"
+    monkeypatch.delenv("AUTORESEARCH_DEVICE")
+    nvidia.clear()
+    assert prepare.default_profile_name() == "cpu"
+    monkeypatch.setattr(devices.sys, "platform", "darwin")
+    monkeypatch.setattr(devices.platform, "machine", lambda: "arm64")
+    assert prepare.default_profile_name() == "standard"      # Apple Silicon: Metal
+
+    monkeypatch.setattr(prepare, "PROFILE", prepare.PROFILES["cpu"])
+    assert prepare.profile_line(False).startswith("Profile: cpu (the default on a CPU;")
+    assert "runs on the GPU: AUTORESEARCH_PROFILE=standard fits it" in prepare.profile_line(True)
+    monkeypatch.setenv("AUTORESEARCH_PROFILE", "cpu")
+    assert prepare.profile_line(True) == "Profile: cpu (AUTORESEARCH_PROFILE)"
+
+
 def test_unknown_profile_is_a_clear_error(tmp_path):
     result = run_prepare_py([], {"AUTORESEARCH_PROFILE": "turbo", "AUTORESEARCH_CACHE": str(tmp_path)},
                             code="import prepare")
-    assert_user_error(result, "unknown profile 'turbo'", "standard, quick, smoke")
+    assert_user_error(result, "unknown profile 'turbo'", "standard, quick, cpu, smoke")
 
 
 def test_peak_flops_table():
@@ -139,7 +170,10 @@ def test_builtin_end_to_end(builtin_cache, builtin):
     x, y, epoch = next(prepare.make_dataloader(tok, 4, 256, "train"))
     assert x.shape == y.shape == (4, 256) and x.dtype == np.int64 and epoch == 1
     assert (x[:, 0] == 8188).all() and (x[:, 1:] == y[:, :-1]).all()
-    assert prepare.summary_fields(tok) == {"dataset": "builtin", "profile": "smoke", "eval_tokens": 16384}
+    fields = prepare.summary_fields(tok)
+    assert {k: fields[k] for k in ("dataset", "profile", "eval_tokens")} == \
+        {"dataset": "builtin", "profile": "smoke", "eval_tokens": 16384}
+    assert float(fields["unigram_bpb"]) == pytest.approx(prepare.unigram_bpb(tok), abs=1e-6)
 
 
 def test_builtin_prepare_again_reuses_everything(builtin_cache):

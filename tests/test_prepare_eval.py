@@ -24,6 +24,8 @@ def builtin(builtin_cache, monkeypatch):
     monkeypatch.setattr(prepare, "CACHE_DIR", builtin_cache["AUTORESEARCH_CACHE"])
     monkeypatch.setattr(prepare, "DATASET", "builtin")
     monkeypatch.setattr(prepare, "PROFILE", TINY)
+    for last in ("_last_eval_tokens", "_last_unigram_bpb", "_last_tokenizer"):   # what evaluate_bpb leaves behind
+        monkeypatch.setattr(prepare, last, [None])
     return prepare.Tokenizer.from_directory()
 
 
@@ -74,7 +76,9 @@ def test_mlx_evaluate_bpb_matches_independent_computation_at_any_batch_size(buil
     expected = independent_bpb(tok, rows, emb, head)
     for batch_size in (16, 5, 1):  # 5 does not divide 16: the padded last batch must not count
         assert prepare.evaluate_bpb(model, tok, batch_size) == pytest.approx(expected, rel=1e-5)
-    assert prepare.summary_fields(tok) == {"dataset": "builtin", "profile": "smoke", "eval_tokens": 16 * 64}
+    fields = prepare.summary_fields(tok)
+    assert {k: fields[k] for k in ("dataset", "profile", "eval_tokens")} == \
+        {"dataset": "builtin", "profile": "smoke", "eval_tokens": 16 * 64}
 
 
 def test_torch_evaluate_bpb_matches_independent_computation_at_any_batch_size(builtin):
@@ -191,3 +195,37 @@ def test_default_chunk_keeps_extra_memory_under_512mb():
     # float32 chunk + one temporary of its size (+ MLX's fused kernel output): < 3 chunks at vocab 8192
     assert prepare._chunk_tokens(8192) * 8192 * 4 <= prepare.EVAL_CHUNK_BYTES
     assert 3 * prepare.EVAL_CHUNK_BYTES < 512 * 2 ** 20
+
+
+class MLXUnigram(nn.Module):
+    """Logits that ignore the context: the same log-probabilities at every position."""
+    def __init__(self, logp):
+        super().__init__()
+        self.logp = mx.array(logp.astype(np.float32))
+
+    def __call__(self, x):
+        return mx.broadcast_to(self.logp, (*x.shape, self.logp.shape[0]))
+
+
+def test_unigram_floor_is_the_score_of_a_token_frequency_model(builtin, monkeypatch):
+    """The floor in every summary equals what evaluate_bpb gives a model predicting each token
+    with its add-one-smoothed training frequency, the counts are those of the whole training
+    split of builtin (BOS included), and they are cached with the tokenizer."""
+    import pyarrow.parquet as pq
+    tok = builtin
+    data = Path(prepare.data_dir())
+    docs = [t for f in sorted(data.glob("shard_*.parquet")) for t in pq.read_table(f).column("text").to_pylist()]
+    counts = np.bincount(np.concatenate(tok.encode(docs, prepend=tok.get_bos_token_id())), minlength=8192)
+    logp = np.log((counts + 1.0) / (counts.sum() + len(counts)))
+    cache = Path(prepare.tokenizer_dir()) / "unigram_counts.npz"
+    cache.unlink(missing_ok=True)
+    floor = prepare.unigram_bpb(tok)
+    assert floor == pytest.approx(prepare.evaluate_bpb(MLXUnigram(logp), tok, 8), rel=1e-5)
+    assert cache.exists() and (np.load(cache)["counts"] == counts).all()
+    assert 2.5 < floor < 4.5   # Shakespeare, 8192-token BPE: about 3.1 to 3.2 bits per byte
+    # the cache belongs to its tokenizer: a changed fingerprint recounts instead of reusing it
+    np.savez(cache, counts=np.ones(8192, np.int64), fingerprint=np.array("another tokenizer"))
+    assert prepare.unigram_bpb(tok) == pytest.approx(floor, abs=1e-9)
+    np.savez(cache, counts=np.ones(8192, np.int64), fingerprint=np.load(cache)["fingerprint"])
+    assert prepare.unigram_bpb(tok) != pytest.approx(floor, abs=1e-3)   # the saved counts are used
+    cache.unlink()

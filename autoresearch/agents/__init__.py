@@ -2,7 +2,8 @@
 does everything else (commit, run, judge, log, reset).
 
 Three implementations share the `Agent` interface:
-  hparam       offline: mutates the hyperparameter constants at the top of the file
+  hparam       offline: a coordinate search over the hyperparameter constants at the top of the file
+  hparam-tpe   offline: Optuna's TPE over the same constants, ask-and-tell, the study beside the ledger
   anthropic    the Messages API with the Anthropic-defined text editor tool
   claude-code  `claude -p`, headless, tools limited to the training file
 """
@@ -12,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-AGENTS = ("anthropic", "claude-code", "hparam")
+AGENTS = ("anthropic", "claude-code", "hparam", "hparam-tpe")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Context:
     crash_log: str | None = None     # set for a fix attempt: the tail of run.log
     budget_left_usd: float | None = None
     objective: Objective = field(default_factory=Objective)
+    tag: str = ""                    # the run's tag (the offline TPE agent's study name)
 
     @property
     def training_path(self) -> Path:
@@ -111,6 +113,9 @@ def make_agent(name: str, model: str | None = None, seed: int = 0, max_turns: in
     if name == "hparam":
         from .hparam import HparamAgent
         return HparamAgent(seed=seed)
+    if name == "hparam-tpe":
+        from .tpe import TPEAgent
+        return TPEAgent(seed=seed)
     if name == "anthropic":
         from .anthropic_api import AnthropicAgent
         return AnthropicAgent(model=model, max_turns=max_turns)

@@ -113,14 +113,15 @@ def blob_hash(text: str) -> str:
 
 def tried_blobs(history: list[dict]) -> set[str]:
     """Content hashes of every training file this run has already tried: the runner's
-    `blob` of each scored result and the hparam agent's own record of each proposal."""
+    `blob` of each scored result and the offline agents' own record of each proposal."""
     tried = set()
     for r in history:
         if r.get("blob"):
             tried.add(r["blob"])
         meta = r.get("agent_meta")
-        if isinstance(meta, dict) and isinstance(meta.get("hparam"), dict) and meta["hparam"].get("blob"):
-            tried.add(meta["hparam"]["blob"])
+        for own in (meta.values() if isinstance(meta, dict) else ()):
+            if isinstance(own, dict) and own.get("blob"):
+                tried.add(own["blob"])
     return tried
 
 

@@ -1,0 +1,270 @@
+"""Does the loop find a real gain? The research-efficacy benchmark, on the cpu profile.
+
+    uv run bench/research.py --arm noise                 # LR handicap, the noise rule, 12 experiments
+    uv run bench/research.py --arm greedy                # the same start, upstream's greedy rule
+    uv run bench/research.py --arm aa                    # no handicap, comment-only edits: counts keeps
+    uv run bench/research.py --arm noise --agent hparam-tpe --handicap lr,warmdown
+
+An arm starts from train_mlx.py with a planted handicap (`lr`: every learning rate x 0.25;
+`warmdown`: WARMDOWN_RATIO = 0; `depth`: DEPTH = 8, too deep for the budget), committed in a
+fresh checkout of this project's harness under --workdir, and runs the real loop on it
+(`Runner`: sandboxed runs, the trusted scorer, the chosen keep rule) for --experiments
+experiments with the offline agent. Then every file that matters is re-scored with --seeds
+fresh seeds (1000, 1001, ...; the loop uses 42 and up), through the same sandboxed launch:
+
+  - the start (its fresh runs also give the loop its noise floor, so the baseline runs once),
+  - the reference: the file without the handicap,
+  - every kept commit (the last one is the final best).
+
+It prints the share of the handicap's gap recovered, (start - best) / (start - reference) on
+fresh-seed means; the keeps; and the keep precision: of the kept commits, how many beat their
+parent (the previous keep, or the start) on fresh-seed means. The A/A arm has no handicap and
+an agent that only rewrites a comment: every keep there is a false keep.
+
+Fresh-seed scores are cached per training-file content in <workdir>/scores.json, so arms
+sharing a start or a reference measure it once; one JSON line per arm goes to
+<workdir>/research.jsonl. Needs the builtin dataset (`uv run prepare.py --dataset builtin`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from autoresearch import gitops  # noqa: E402
+from autoresearch.agents import Agent, Proposal, make_agent  # noqa: E402
+from autoresearch.agents.hparam import blob_hash, read_constants, set_constant  # noqa: E402
+from autoresearch.integrity import check_summary  # noqa: E402
+from autoresearch.noise import measure  # noqa: E402
+from autoresearch.policy import Decisions  # noqa: E402
+from autoresearch.runner import RunConfig, Runner, run  # noqa: E402
+from autoresearch.trainer import Trainer, confine, harness_info, timeout_for  # noqa: E402
+
+TRAINING_FILE = "train_mlx.py"
+HARNESS_FILES = ("prepare.py", "harness", "program.md", TRAINING_FILE)
+LEARNING_RATES = ("EMBEDDING_LR", "UNEMBEDDING_LR", "MATRIX_LR", "SCALAR_LR")
+FRESH_SEED = 1000
+
+
+def plant(text: str, handicaps: list[str]) -> str:
+    """The training file with the handicaps planted in its hyperparameter block."""
+    values = {name: value for name, value, _ in read_constants(text)}
+    for h in handicaps:
+        if h == "lr":
+            for name in LEARNING_RATES:
+                text = set_constant(text, name, values[name] * 0.25)
+        elif h == "warmdown":
+            text = set_constant(text, "WARMDOWN_RATIO", 0.0)
+        elif h == "depth":
+            text = set_constant(text, "DEPTH", 8)
+        elif h != "none":
+            raise SystemExit(f"unknown handicap {h!r}: use lr, warmdown, depth or none")
+    return text
+
+
+class CommentAgent(Agent):
+    """The A/A agent: each proposal rewrites one comment line and nothing else."""
+    name = "comment-only"
+
+    def propose(self, ctx):
+        path = ctx.training_path
+        lines = path.read_text().splitlines(keepends=True)
+        n = len(ctx.history)
+        marker = "# A/A note:"
+        lines = [l for l in lines if not l.startswith(marker)] + [f"{marker} revision {n}\n"]
+        path.write_text("".join(lines))
+        return Proposal(description=f"comment only (A/A revision {n})")
+
+
+def checkout(path: Path, training_text: str) -> Path:
+    """A committed project checkout at `path`: this project's harness and the given trainer."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    for name in HARNESS_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, path / name)
+    (path / TRAINING_FILE).write_text(training_text)
+    (path / ".gitignore").write_text("__pycache__/\n")
+    commit(path, "start")
+    return path
+
+
+def commit(path: Path, message: str) -> None:
+    import git
+    repo = git.Repo.init(path, initial_branch="master")
+    with repo.config_writer() as cw:
+        cw.set_value("user", "name", "research bench")
+        cw.set_value("user", "email", "bench@localhost")
+    repo.git.add("-A")
+    if repo.is_dirty(index=True, untracked_files=True) or not repo.head.is_valid():
+        repo.git.commit("-q", "--allow-empty", "-m", message)
+
+
+class FreshScores:
+    """Fresh-seed val_bpb of training files, cached by content in <workdir>/scores.json."""
+
+    def __init__(self, workdir: Path, seeds: int):
+        self.path = workdir / "scores.json"
+        self.seeds = seeds
+        self.cache = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.scratch = workdir / "rescore"
+
+    def of(self, text: str, label: str) -> list[float]:
+        key = f"{blob_hash(text)}:{self.seeds}"
+        if key in self.cache:
+            return self.cache[key]["values"]
+        root = checkout(self.scratch, text) if not self.scratch.exists() else self.scratch
+        (root / TRAINING_FILE).write_text(text)
+        commit(root, label)
+        trainer = Trainer.for_backend("mlx")
+        harness = harness_info(root)
+        confine(trainer, harness)
+        t0 = time.time()
+
+        def check(outcome):
+            return check_summary(outcome.summary, harness, outcome.scored, None, True)
+
+        def on_run(i, seed, outcome, problem):
+            shown = f"{outcome.value:.4f}" if outcome.ok and not problem else f"- ({problem})"
+            print(f"    fresh seed {seed} of {label}: {shown} ({outcome.seconds:.0f} s)", flush=True)
+
+        values, seeds, problems = measure(trainer, root, self.seeds, timeout_for(harness["time_budget"]),
+                                          log_dir=root, first_seed=FRESH_SEED, check=check, on_run=on_run)
+        self.cache[key] = {"label": label, "values": values, "seeds": seeds, "problems": problems,
+                           "seconds": round(time.time() - t0, 1)}
+        self.path.write_text(json.dumps(self.cache, indent=1))
+        return values
+
+
+def mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def run_arm(args, workdir: Path, scores: FreshScores) -> dict:
+    t0 = time.time()
+    reference = (REPO / TRAINING_FILE).read_text()
+    handicaps = ["none"] if args.arm == "aa" else args.handicap.split(",")
+    start = plant(reference, handicaps)
+    print(f"== arm {args.arm}: handicap {'+'.join(handicaps)}, agent "
+          f"{'comment-only' if args.arm == 'aa' else args.agent}, {args.experiments} experiments, "
+          f"{args.seeds} fresh seeds", flush=True)
+    start_fresh = scores.of(start, "start")
+    ref_fresh = start_fresh if args.arm == "aa" else scores.of(reference, "reference")
+
+    tag = f"{args.arm}-{args.agent}-{'+'.join(handicaps)}"
+    root = checkout(workdir / tag, start)
+    rule = "greedy" if args.arm == "greedy" else "noise"
+    if rule == "noise":   # the start's fresh runs are the loop's noise floor
+        seed_noise_floor(root, start_fresh)
+    agent = CommentAgent() if args.arm == "aa" else make_agent(args.agent)
+    runner = Runner(root, RunConfig(tag=tag, backend="mlx", max_experiments=args.experiments),
+                    agent, Trainer.for_backend("mlx"),
+                    decisions=Decisions(rule, confidence=args.confidence, reruns=args.reruns))
+    run(runner, resume=False)
+    loop_minutes = (time.time() - t0) / 60
+
+    results = runner.ledger.results()
+    kept = [r for r in results if r["status"] == "keep"]
+    repo = gitops.open_repo(root)
+    parent_fresh, precise, kept_rows = start_fresh, 0, []
+    for r in kept[1:]:
+        text = repo.git.show(f"{r['commit']}:{TRAINING_FILE}") + "\n"
+        fresh = scores.of(text, f"keep {r['exp']}")
+        beats = mean(fresh) < mean(parent_fresh)
+        precise += beats
+        kept_rows.append({"exp": r["exp"], "description": r["description"], "loop_value": r["val_bpb"],
+                          "fresh_mean": mean(fresh), "beats_parent": beats})
+        parent_fresh = fresh
+    best_fresh = parent_fresh
+    gap = mean(start_fresh) - mean(ref_fresh)
+    recovered = (mean(start_fresh) - mean(best_fresh)) / gap if args.arm != "aa" and gap > 0 else None
+    summary = {
+        "arm": args.arm, "agent": "comment-only" if args.arm == "aa" else args.agent, "handicap": handicaps,
+        "rule": rule, "experiments": len(results) - 1, "keeps": len(kept) - 1,
+        "keep_precision": precise / (len(kept) - 1) if len(kept) > 1 else None,
+        "start": mean(start_fresh), "reference": mean(ref_fresh), "best": mean(best_fresh),
+        "start_sd": statistics.stdev(start_fresh) if len(start_fresh) > 1 else None,
+        "gap_recovered": recovered, "kept": kept_rows,
+        "reruns": sum(len(r.get("runs") or [1]) - 1 for r in results[1:]),
+        "loop_minutes": round(loop_minutes, 1), "minutes": round((time.time() - t0) / 60, 1),
+        "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+    }
+    with open(workdir / "research.jsonl", "a") as f:
+        f.write(json.dumps(summary) + "\n")
+    return summary
+
+
+def seed_noise_floor(root: Path, values: list[float]) -> None:
+    """Record the start's fresh-seed runs as the run's noise floor (what `autoresearch noise` writes)."""
+    from autoresearch.decide import spread
+    from autoresearch.ledger import Ledger
+    gitops.exclude_run_outputs(gitops.open_repo(root))
+    harness = harness_info(root)
+    Ledger(root, "noise").append("noise", source="research bench (fresh seeds of the start)", backend="mlx",
+                                 harness=harness, training_file=TRAINING_FILE,
+                                 blob=blob_hash((root / TRAINING_FILE).read_text()), values=values,
+                                 seeds=list(range(FRESH_SEED, FRESH_SEED + len(values))), problems=[],
+                                 **spread(values))
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f} at the end"
+
+
+def report(s: dict) -> str:
+    rec = f"{100 * s['gap_recovered']:.0f}%" if s["gap_recovered"] is not None else "-"
+    prec = f"{s['keep_precision']:.2f}" if s["keep_precision"] is not None else "-"
+    lines = [f"arm {s['arm']} ({s['rule']} rule, agent {s['agent']}, handicap {'+'.join(s['handicap'])}): "
+             f"{s['experiments']} experiments, {s['keeps']} keeps, {s['reruns']} re-runs, {s['minutes']} min",
+             f"  fresh-seed means: start {s['start']:.4f}, reference {s['reference']:.4f}, best {s['best']:.4f}"
+             f"; gap recovered {rec}; keep precision {prec}"]
+    for k in s["kept"]:
+        lines.append(f"  keep {k['exp']}: {k['description']}: loop {k['loop_value']:.4f}, fresh {k['fresh_mean']:.4f}"
+                     f" ({'beats' if k['beats_parent'] else 'does not beat'} its parent)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--arm", choices=("noise", "greedy", "aa"), default="noise")
+    p.add_argument("--agent", default="hparam", help="the offline agent (hparam or hparam-tpe)")
+    p.add_argument("--handicap", default="lr", help="comma-separated: lr, warmdown, depth")
+    p.add_argument("--experiments", type=int, default=12)
+    p.add_argument("--seeds", type=int, default=4, help="fresh seeds per re-scored file")
+    p.add_argument("--reruns", type=int, default=2)
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--profile", default="cpu", help="cpu (the benchmark); smoke only checks that the script runs")
+    p.add_argument("--workdir", type=Path, default=Path(os.environ.get("AUTORESEARCH_CACHE")
+                                                         or Path.home() / ".cache" / "autoresearch") / "research-bench")
+    args = p.parse_args(argv)
+    os.environ["AUTORESEARCH_PROFILE"] = args.profile
+    os.environ["AUTORESEARCH_DATASET"] = "builtin"
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    summary = run_arm(args, args.workdir, FreshScores(args.workdir, args.seeds))
+    print(report(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
