@@ -140,8 +140,10 @@ class FreshScores:
             shown = f"{outcome.value:.4f}" if outcome.ok and not problem else f"- ({problem})"
             print(f"    fresh seed {seed} of {label}: {shown} ({outcome.seconds:.0f} s)", flush=True)
 
+        logs = self.scratch.parent / "rescore-logs" / blob_hash(text)[:12]   # outside the checkout
+        logs.mkdir(parents=True, exist_ok=True)
         values, seeds, problems = measure(trainer, root, self.seeds, timeout_for(harness["time_budget"]),
-                                          log_dir=root, first_seed=FRESH_SEED, check=check, on_run=on_run)
+                                          log_dir=logs, first_seed=FRESH_SEED, check=check, on_run=on_run)
         self.cache[key] = {"label": label, "values": values, "seeds": seeds, "problems": problems,
                            "seconds": round(time.time() - t0, 1)}
         self.path.write_text(json.dumps(self.cache, indent=1))
