@@ -132,7 +132,7 @@ class Decisions:
             return "invalid", {"invalid_reason": problem, "val_bpb": (outcome.scored or {}).get("val_bpb")}
         r = self.runner
         unigram = {"unigram_bpb": outcome.summary["unigram_bpb"]} \
-            if isinstance((outcome.summary or {}).get("unigram_bpb"), float) else {}
+            if is_finite((outcome.summary or {}).get("unigram_bpb")) else {}
         return None, {"blob": blob_id(r.repo_root, r.training_file), "decide": rule_name,
                       **unigram, **scored_fields(outcome.scored), **self._direction_field()}
 

@@ -17,7 +17,8 @@ from harness import blas  # noqa: E402
 import train_mlx  # noqa: E402
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent", "total_tokens_M",
-                "num_steps", "num_params_M", "depth", "backend", "device", "dataset", "profile", "eval_tokens"]
+                "num_steps", "num_params_M", "depth", "backend", "device", "dataset", "profile", "eval_tokens",
+                "unigram_bpb"]
 
 TINY = dict(sequence_len=32, vocab_size=128, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SSSL")
 
@@ -62,6 +63,13 @@ def uniform_bpb(env):
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def unigram_bpb(env):
+    code = "import prepare as p; print(p.unigram_bpb(p.Tokenizer.from_directory()))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def test_smoke_run_prints_full_summary(builtin_cache):
     env = {**os.environ, **builtin_cache}
     env.pop("AUTORESEARCH_BLAS", None)
@@ -78,6 +86,8 @@ def test_smoke_run_prints_full_summary(builtin_cache):
     assert float(values["peak_vram_mb"]) > 0 and 0 < float(values["mfu_percent"]) <= 100
     assert values["backend"] == "mlx" and values["device"].endswith(("(cpu)", "(gpu)"))
     assert values["dataset"] == "builtin" and values["profile"] == "smoke"
+    # the floor of the same rows, as prepare computes it; the smoke model (15 s) learns nothing more
+    assert float(values["unigram_bpb"]) == pytest.approx(unigram_bpb(env), abs=1e-6)
     assert int(values["eval_tokens"]) > 0
     if sys.platform == "linux" and blas.bundled_reference_blas() and blas.find_tuned_blas():
         assert "blas: preloaded" in run.stdout  # said once, before anything else

@@ -221,7 +221,7 @@ def parse_summary(stdout):
 
 SUMMARY_KEYS = ["val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
                 "total_tokens_M", "num_steps", "num_params_M", "depth", "backend", "device",
-                "dataset", "profile", "eval_tokens"]
+                "dataset", "profile", "eval_tokens", "unigram_bpb"]
 
 
 def run_train(script, builtin_env, timeout=240):

@@ -59,9 +59,8 @@ def _finite(value) -> bool:
 class TPEAgent(Agent):
     name = "hparam-tpe"
 
-    def __init__(self, seed: int = 0, tag: str | None = None):
+    def __init__(self, seed: int = 0):
         self.seed = seed
-        self.tag = tag
 
     def check(self) -> None:
         try:
