@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from harness import download, errors, eval_kernels, integrity, prefetch, tokenizer_training, unigram
+from harness import devices, download, errors, eval_kernels, integrity, prefetch, tokenizer_training, unigram
 from harness.blas import use_tuned_blas  # noqa: F401  (train_mlx.py calls it before importing MLX)
 from harness.devices import gpu_expected, peak_flops  # noqa: F401  (peak_flops: the trainers' mfu_percent)
 from harness.download import MAX_SHARD, VAL_SHARD
@@ -104,13 +104,9 @@ PROFILE = get_profile()
 
 def profile_line(on_gpu):
     """The trainer's start-up line naming the profile and why it is the one in use."""
-    if os.environ.get("AUTORESEARCH_PROFILE"):
-        return f"Profile: {PROFILE.name} (AUTORESEARCH_PROFILE)"
-    if (PROFILE.name == "standard") == on_gpu:
-        return (f"Profile: {PROFILE.name} (the default on a {'GPU' if on_gpu else 'CPU'}; "
-                f"AUTORESEARCH_PROFILE={'cpu' if on_gpu else 'standard'} selects the other)")
-    return (f"Profile: {PROFILE.name} (the default here), but this trainer runs on the "
-            f"{'GPU' if on_gpu else 'CPU'}: AUTORESEARCH_PROFILE={'standard' if on_gpu else 'cpu'} fits it")
+    return devices.profile_line(PROFILE.name, on_gpu, bool(os.environ.get("AUTORESEARCH_PROFILE")))
+
+
 SEED = int(os.environ.get("AUTORESEARCH_SEED") or 42)
 
 # ---------------------------------------------------------------------------
@@ -542,13 +538,9 @@ def eval_rows(tokenizer, profile=None, dataset=None):
 
 def print_unigram_floors(dataset):
     """Count the training tokens now (cached), so the first run does not, and show the floors."""
-    tokenizer, floors = Tokenizer.from_directory(tokenizer_dir(dataset)), []
-    for name in ("standard", "cpu"):
-        try:
-            floors.append(f"{name} profile {unigram_bpb(tokenizer, PROFILES[name], dataset):.4f}")
-        except HarnessError:  # a validation shard too small for this profile's rows
-            pass
-    print(f"Unigram floor (bpb of token frequencies on the eval rows): {', '.join(floors) or 'no profile fits'}")
+    tokenizer = Tokenizer.from_directory(tokenizer_dir(dataset))
+    print(unigram.floors_line({name: lambda p=PROFILES[name]: unigram_bpb(tokenizer, p, dataset)
+                               for name in ("standard", "cpu")}))
 
 
 def _model_backend(model):

@@ -18,6 +18,17 @@ def gpu_expected():
         return False
     return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
 
+def profile_line(name, on_gpu, from_env):
+    """The trainer's start-up line: the profile, and why it is the one in use."""
+    if from_env:
+        return f"Profile: {name} (AUTORESEARCH_PROFILE)"
+    if (name == "standard") == on_gpu:
+        return (f"Profile: {name} (the default on a {'GPU' if on_gpu else 'CPU'}; "
+                f"AUTORESEARCH_PROFILE={'cpu' if on_gpu else 'standard'} selects the other)")
+    return (f"Profile: {name} (the default here), but this trainer runs on the "
+            f"{'GPU' if on_gpu else 'CPU'}: AUTORESEARCH_PROFILE={'standard' if on_gpu else 'cpu'} fits it")
+
+
 # NVIDIA: dense tensor-core throughput with fp32 accumulation (bf16/fp16), and tf32/fp32.
 _NVIDIA_PEAKS = [  # (name pattern, {dtype: FLOP/s}); the first matching pattern wins
     (r"H200", {"bf16": 989.5e12, "fp16": 989.5e12, "tf32": 494.7e12, "fp32": 67e12}),

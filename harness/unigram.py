@@ -64,3 +64,16 @@ def unigram_bpb(counts, rows, token_bytes):
     nbytes = token_bytes[targets]
     scored = nbytes > 0
     return float(-logp[targets[scored]].sum() / (math.log(2) * nbytes[scored].sum()))
+
+
+def floors_line(scorers):
+    """One line of the floors, {profile name: () -> bpb}; a profile whose rows do not fit the
+    validation shard (HarnessError) is left out."""
+    from harness.errors import HarnessError
+    floors = []
+    for name, score in scorers.items():
+        try:
+            floors.append(f"{name} profile {score():.4f}")
+        except HarnessError:
+            pass
+    return f"Unigram floor (bpb of token frequencies on the eval rows): {', '.join(floors) or 'no profile fits'}"
