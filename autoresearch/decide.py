@@ -6,15 +6,19 @@ Two rules, chosen with `autoresearch run --decide`:
            Re-running an unchanged training file moves val_bpb by a few hundredths, so half of
            all no-op edits are "improvements" to greedy, and its running best is an optimistic
            running minimum of noise.
-  noise    (the default) uses the measured noise floor sigma (the spread of one run of the
-           same file under different seeds, see `autoresearch noise`). With z the one-sided
-           normal quantile of --confidence and n_best the runs behind the best's value:
+  noise    (the default) uses the noise floor sigma (the spread of one run of the same file
+           under different seeds). With t the one-sided Student-t quantile of --confidence at
+           sigma's degrees of freedom, and n_best the runs behind the best's value:
              - not better than the best: discard, no re-run;
-             - better by at least z * sigma * sqrt(1 + 1/n_best): keep at once;
-             - better by less: re-run the candidate with new seeds (--reruns, default 2) and
-               keep it only if the mean of its runs is still better by
-               z * sigma * sqrt(1/n_runs + 1/n_best). The kept value is that mean, so the best
-               carries the number of runs behind it into the next comparison.
+             - better: re-run the candidate with new seeds (--reruns, default 2) and keep it
+               only if the mean of its runs is better by t * sigma * sqrt(1/n_runs + 1/n_best).
+               The kept value is that mean, so the best is never one lucky run: the value to
+               beat is a mean, and the next comparison's margin is narrower for it.
+               (--reruns 0: one run, kept when better by t * sigma * sqrt(1 + 1/n_best).)
+           sigma is pooled: the noise floor's runs, then the re-runs of every experiment of
+           the run (each re-run set is an unselected sample of its own file: the first run,
+           picked for being better, is left out), so sigma sharpens and t shrinks as the
+           run goes on.
 
 Identical training files (same git blob) are never run twice: a candidate equal to an
 earlier experiment is logged with that experiment's result and reset without training.
@@ -102,15 +106,16 @@ class NoiseAware:
         """The gain a mean of n_runs must show over a best measured n_best times."""
         return self.z * self.sigma * math.sqrt(1.0 / n_runs + 1.0 / max(n_best, 1))
 
+    def pool(self, sigma: float, df: int) -> None:
+        """Use a sharper estimate of the noise floor (see pooled_sigma)."""
+        self.sigma, self.df = sigma, df
+        self.z = t_quantile(self.confidence, df)
+
     def decide(self, value: float, best: Best, rerun: Callable[[int], float | None],
                direction: str = "min") -> Verdict:
         first_gain = gain(value, best.value, direction)
         if first_gain <= 0:
             return Verdict("discard", value, [value], reason="not better than the best")
-        need = self.margin(1, best.runs)
-        if first_gain >= need:
-            return Verdict("keep", value, [value],
-                           reason=f"better by {first_gain:.6g} >= {need:.6g} (z={self.z:.2f}, sigma={self.sigma:.6g})")
         runs, seeds = [value], []
         for i in range(1, self.reruns + 1):
             v = rerun(i)
@@ -123,9 +128,23 @@ class NoiseAware:
         mean_gain = gain(mean, best.value, direction)
         need = self.margin(len(runs), best.runs)
         status = "keep" if mean_gain >= need else "discard"
+        what = f"mean of {len(runs)} runs" if len(runs) > 1 else "one run"
         return Verdict(status, mean, runs, seeds,
-                       reason=f"mean of {len(runs)} runs better by {mean_gain:.6g} "
-                              f"{'>=' if status == 'keep' else '<'} {need:.6g}")
+                       reason=f"{what} better by {mean_gain:.6g} {'>=' if status == 'keep' else '<'} {need:.6g} "
+                              f"(t={self.z:.2f}, sigma={self.sigma:.6g})")
+
+
+def pooled_sigma(samples: list[list[float]]) -> tuple[float, int] | None:
+    """(sigma, degrees of freedom) pooled over samples of different files: the root of the
+    summed squared deviations from each sample's own mean over sum(n - 1); None without any
+    sample of two or more."""
+    ss, df = 0.0, 0
+    for values in samples:
+        if len(values) >= 2:
+            m = statistics.fmean(values)
+            ss += sum((v - m) ** 2 for v in values)
+            df += len(values) - 1
+    return (math.sqrt(ss / df), df) if df else None
 
 
 # -- the noise floor -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from .agents import AgentFailed
 from .faults import crash_point
 from .trainer import SetupError
 from .decide import (DEFAULT_CONFIDENCE, DEFAULT_NOISE_RUNS, DEFAULT_RERUNS, Greedy, NoiseAware, best_of,
-                     blob_id, duplicate_of, noise_floor)
+                     blob_id, duplicate_of, noise_floor, pooled_sigma)
 from .integrity import check_summary, scored_fields
 from .noise import base_seed, format_noise, measure, noise_record, with_seed
 
@@ -73,7 +73,7 @@ class Decisions:
     def describe(self) -> str:
         if isinstance(self.decider, NoiseAware):
             return (f"noise-aware (sigma {self.decider.sigma:.6f}, confidence {self.confidence}, "
-                    f"up to {self.reruns} re-runs)")
+                    f"{self.reruns} re-runs of every apparent gain)")
         if self.rule == "noise":
             return f"noise-aware (noise floor measured on the baseline: {self.noise_runs} runs)"
         return "greedy (strictly better)"
@@ -111,6 +111,18 @@ class Decisions:
         raise AgentFailed(f"the edit reproduced experiment {dup['exp']}'s training file exactly")
 
     # -- decisions -------------------------------------------------------------------------
+    def _pool_sigma(self, exp: int) -> None:
+        """Sharpen sigma with every re-run set this run has measured (decide.py's pooling)."""
+        samples = [list((self.floor or {}).get("values") or [])]
+        samples += [r["runs"][1:] for r in self.runner.ledger.results()
+                    if not r.get("baseline") and len(r.get("runs") or []) >= 3]
+        pooled = pooled_sigma(samples)
+        if pooled is None or pooled[1] == self.decider.df:
+            return
+        self.decider.pool(*pooled)
+        self.runner.out(f"[{exp}] noise floor pooled over {pooled[1]} degrees of freedom: sigma {pooled[0]:.6f}, "
+                        f"t {self.decider.z:.2f}")
+
     def _failed(self, outcome) -> tuple[str, dict]:
         if outcome.tampered:
             return "invalid", {"invalid_reason": "the run changed " + "; ".join(outcome.tampered[:5]) + " (undone)"}
@@ -168,6 +180,7 @@ class Decisions:
                                   r.repo_root, "baseline")
             r.out(f"[{exp}] {format_noise(record, getattr(r.trainer, 'metric_name', 'val_bpb'))}")
             if record.get("std") is not None:
+                self.floor = record
                 self.decider = NoiseAware(record["std"], self.confidence, self.reruns, record["n"] - 1)
                 extra.update(val_bpb=record["mean"], runs=values, seeds=seeds)
             else:
@@ -189,6 +202,9 @@ class Decisions:
                              "lines in ledger.corrupt.jsonl), or start a new run with another --tag.")
         if custom is not None:
             return custom(value, best.value), extra
+        if isinstance(self.decider, NoiseAware):
+            self._pool_sigma(exp)
+            extra.update(sigma=round(self.decider.sigma, 6), sigma_df=self.decider.df)
         seed = base_seed()
 
         def on_spawn(pid: int) -> None:

@@ -104,28 +104,28 @@ def test_hparam_search_follows_the_documented_strategy(tmp_path):
 
     prev = f.read_text()
     m = step("keep")                       # first move: first constant, upwards
-    assert (m["name"], m["direction"], m["new"]) == ("MATRIX_LR", 1, 0.06)
+    assert (m["name"], m["direction"], m["new"]) == ("MATRIX_LR", 1, 0.08)
     prev = f.read_text()
     m = step("discard")                    # after a keep: same constant, same direction
-    assert (m["name"], m["direction"], m["new"]) == ("MATRIX_LR", 1, 0.09)
+    assert (m["name"], m["direction"], m["new"]) == ("MATRIX_LR", 1, 0.16)
     m = step("discard")                    # it came from below: no reversal, next constant
     assert (m["name"], m["direction"], m["new"]) == ("WARMUP_RATIO", 1, 0.05)
     m = step("discard")                    # failed up move -> down; 0.0 cannot go down: next constant
     assert (m["name"], m["direction"], m["new"]) == ("WARMDOWN_RATIO", 1, 0.95)   # clamped fraction
     m = step("discard")
-    assert (m["name"], m["direction"]) == ("WARMDOWN_RATIO", -1) and m["new"] == pytest.approx(0.6)
+    assert (m["name"], m["direction"]) == ("WARMDOWN_RATIO", -1) and m["new"] == pytest.approx(0.45)
     m = step("discard")
     assert (m["name"], m["direction"], m["new"]) == ("DEPTH", 1, 5)
     m = step("discard")
     assert (m["name"], m["direction"], m["new"]) == ("DEPTH", -1, 3)
-    # Back at MATRIX_LR: 0.06 -> 0.09 already ran and 0.06 -> 0.04 is the baseline's file, and
-    # every other move at step 1.5 was tried: the step shrinks instead of re-proposing a file.
+    # Back at MATRIX_LR: 0.08 -> 0.16 already ran and 0.08 -> 0.04 is the baseline's file, and
+    # every other move at step 2 was tried: the step shrinks instead of re-proposing a file.
     m = step("discard")
-    assert (m["name"], m["direction"], m["new"]) == ("MATRIX_LR", 1, 0.07348)
-    assert m["factor"] == pytest.approx(1.5 ** 0.5)
+    assert (m["name"], m["direction"], m["new"]) == ("MATRIX_LR", 1, 0.1131)
+    assert m["factor"] == pytest.approx(2 ** 0.5)
     for _ in range(8):
         m = step("discard")
-    assert m["factor"] < 1.5 ** 0.5                 # finer still after another sweep
+    assert m["factor"] < 2 ** 0.5                 # finer still after another sweep
     assert len(set(proposed)) == len(proposed) and TRAINER not in proposed   # no file proposed twice
     assert "DEPTH = 2" in f.read_text()     # the indented override is never touched
 
@@ -135,12 +135,12 @@ def test_hparam_skips_files_it_already_proposed_even_when_they_crashed(tmp_path)
     own record) and the runner's blob of a discarded file; neither is proposed again."""
     f = tmp_path / "train_mlx.py"
     f.write_text(TRAINER)
-    up = set_constant(TRAINER, "MATRIX_LR", 0.06)
-    down = set_constant(TRAINER, "MATRIX_LR", 0.02667)
+    up = set_constant(TRAINER, "MATRIX_LR", 0.08)
+    down = set_constant(TRAINER, "MATRIX_LR", 0.02)
     history = [{"status": "keep", "description": "baseline", "blob": blob_hash(TRAINER)},
-               {"status": "crash", "description": "MATRIX_LR 0.04 -> 0.06",
-                "agent_meta": {"hparam": {"name": "MATRIX_LR", "old": 0.04, "new": 0.06, "direction": 1,
-                                          "factor": 1.5, "blob": blob_hash(up)}}},
+               {"status": "crash", "description": "MATRIX_LR 0.04 -> 0.08",
+                "agent_meta": {"hparam": {"name": "MATRIX_LR", "old": 0.04, "new": 0.08, "direction": 1,
+                                          "factor": 2.0, "blob": blob_hash(up)}}},
                {"status": "discard", "description": "by hand", "blob": blob_hash(down)}]
     prop = HparamAgent().propose(Context(tmp_path, "train_mlx.py", "", "", history))
     # the plan's first move (MATRIX_LR down after a failed up move) is the discarded file

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from autoresearch.decide import Best, Greedy, NoiseAware, duplicate_of, gain, spread
+from autoresearch.decide import Best, Greedy, NoiseAware, duplicate_of, gain, pooled_sigma, spread
 from autoresearch.policy import Decisions
 from autoresearch.runner import RunConfig, Runner, run
 from autoresearch.trainer import Trainer
@@ -58,9 +58,15 @@ def test_noise_aware_thresholds_and_reruns():
     # worse or equal: discarded, nothing re-run
     rerun, calls = scripted_reruns([])
     assert rule.decide(1.01, Best(1.0), rerun).status == "discard" and calls == []
-    # a clear win (> z*sigma*sqrt(2) = 0.0698): kept at once
+    # even a clear win is confirmed by re-runs, so the best is a mean, never one lucky run
+    rerun, calls = scripted_reruns([0.93, 0.91])
     v = rule.decide(0.92, Best(1.0), rerun)
-    assert v.status == "keep" and v.reruns == 0 and calls == []
+    assert v.status == "keep" and v.reruns == 2 and calls == [1, 2] and v.value == pytest.approx(0.92)
+    # --reruns 0: one run decides, against z*sigma*sqrt(1 + 1/n_best) = 0.0698
+    one = NoiseAware(sigma=0.03, confidence=0.95, reruns=0)
+    rerun, calls = scripted_reruns([])
+    assert one.decide(0.92, Best(1.0), rerun).status == "keep"
+    assert one.decide(0.95, Best(1.0), rerun).status == "discard" and calls == []
     # a small win that the re-runs do not confirm: discarded after 2 re-runs, mean recorded
     rerun, calls = scripted_reruns([1.01, 1.02])
     v = rule.decide(0.97, Best(1.0), rerun)
@@ -76,9 +82,20 @@ def test_noise_aware_thresholds_and_reruns():
     # the more runs behind the best, the smaller the margin
     assert rule.margin(3, 5) < rule.margin(1, 1)
     # max direction (general mode): higher is better
-    rerun, calls = scripted_reruns([])
+    rerun, calls = scripted_reruns([1.19, 1.21])
     assert rule.decide(1.2, Best(1.0), rerun, direction="max").status == "keep"
     assert gain(1.2, 1.0, "max") == pytest.approx(0.2) and gain(0.8, 1.0, "min") == pytest.approx(0.2)
+
+
+def test_sigma_is_pooled_over_samples_of_different_files():
+    # squared deviations from each sample's own mean: 0.02 + 0.02 over 2 + 1 degrees of freedom
+    sigma, df = pooled_sigma([[1.0, 1.1, 0.9], [2.0, 2.2], [5.0]])
+    assert df == 3 and sigma == pytest.approx(math.sqrt(0.04 / 3))
+    assert pooled_sigma([[1.0], []]) is None
+    rule = NoiseAware(sigma=0.03, confidence=0.95, reruns=2, df=2)
+    wide = rule.margin(3, 3)
+    rule.pool(0.03, 30)       # the same sigma on more runs: a smaller t, a narrower margin
+    assert rule.df == 30 and rule.margin(3, 3) < 0.8 * wide
 
 
 def test_bad_rule_settings_are_clear_errors():
@@ -167,13 +184,13 @@ def test_aa_stream_noise_rule_keeps_far_fewer_than_greedy(tmp_path, monkeypatch)
 
 
 def test_planted_real_improvements_are_kept(tmp_path, monkeypatch):
-    """Scripted noise (sigma ~0.028 from 4 baseline runs): a 5-sigma gain is kept at once; a
-    3.6-sigma gain whose first run came out unlucky is kept after re-runs; no-op edits around
-    them are discarded after re-runs."""
+    """Scripted noise (sigma ~0.026 from 4 baseline runs): every apparent gain is re-run; two
+    real gains are kept on their means, no-op edits around them are discarded, and sigma is
+    pooled over the re-runs as they come in."""
     monkeypatch.setenv("NOISY_VALUES", ",".join(map(str, [
         0.02, -0.03, 0.01, 0.03,       # baseline: 4 runs
         0.0, 0.01, 0.005,              # no-op: inside the band, re-runs do not confirm
-        0.01,                          # real gain 0.15: kept at once
+        0.01, -0.01, 0.0,              # real gain 0.15: confirmed by its re-runs
         -0.01, 0.02, 0.0,              # no-op after the gain: re-run, discarded
         0.03, -0.01, 0.0])))           # real gain 0.10, unlucky first run: kept on the mean
     d = noisy_repo(tmp_path, monkeypatch)
@@ -183,14 +200,16 @@ def test_planted_real_improvements_are_kept(tmp_path, monkeypatch):
                        ("real gain 0.10", set_const("OFFSET", -0.25))], "noise", noise_runs=4)
     by = {r["description"]: r for r in results}
     assert [r["status"] for r in results] == ["keep", "discard", "keep", "discard", "keep"]
-    assert by["real gain 0.15"].get("reruns", 0) == 0
-    assert by["no-op"]["reruns"] == 2 and by["no-op after the gain"]["reruns"] == 2
+    assert all(r["reruns"] == 2 and r["val_bpb"] == pytest.approx(sum(r["runs"]) / 3) for r in results[1:])
     late = by["real gain 0.10"]
-    assert late["reruns"] == 2 and late["val_bpb"] == pytest.approx(sum(late["runs"]) / 3)
     assert late["val_bpb"] < by["real gain 0.15"]["val_bpb"]
+    # the last decision's sigma: the baseline's 4 runs and three pairs of re-runs
+    sigma, df = pooled_sigma([results[0]["runs"]] + [r["runs"][1:] for r in results[1:4]])
+    assert (late["sigma_df"], late["sigma"]) == (df, pytest.approx(sigma, abs=1e-6)) and df == 6
+    assert by["no-op"]["sigma_df"] == 3
     s = run_cli(d, "report", env=cli_env())
     assert s.returncode == 0, s.stderr
-    assert "keep rule noise: 2 keeps of 4 scored experiments, 6 re-runs" in s.stdout
+    assert "keep rule noise: 2 keeps of 4 scored experiments, 8 re-runs" in s.stdout
 
 
 def test_identical_training_file_is_never_run_twice(tmp_path, monkeypatch):

@@ -135,7 +135,7 @@ def test_cli_hparam_run_status_report(tmp_path):
     assert "Moved the existing results.tsv" in r.stdout and (d / "results.before-cli.tsv").exists()
     rows = tsv_rows(d)
     assert len(rows) == 4 and rows[0][4] == "baseline"
-    assert rows[1][4] == "MATRIX_LR 0.04 -> 0.06" and rows[1][3] == "keep"
+    assert rows[1][4] == "MATRIX_LR 0.04 -> 0.08" and rows[1][3] == "keep"
     exclude = (d / ".git" / "info" / "exclude").read_text()
     assert "/results.tsv" in exclude and "/ledger.jsonl" in exclude and "/run.log" in exclude
     assert git.Repo(d).git.status("--porcelain") == ""
@@ -332,5 +332,5 @@ def test_crashed_baseline_stops_then_resumes_on_the_users_fix(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     rows = tsv_rows(d)
     assert [(x[3], x[4]) for x in rows] == [("crash", "baseline"), ("keep", "baseline"),
-                                            ("keep", "MATRIX_LR 0.04 -> 0.06")]
-    assert repo.git.log("-2", "--format=%s").splitlines() == ["MATRIX_LR 0.04 -> 0.06", "fix depth"]
+                                            ("keep", "MATRIX_LR 0.04 -> 0.08")]
+    assert repo.git.log("-2", "--format=%s").splitlines() == ["MATRIX_LR 0.04 -> 0.08", "fix depth"]

@@ -118,7 +118,7 @@ def test_readme_example_through_the_cli_with_the_offline_agent(tmp_path):
     results = ledger_records(d, "result")
     assert len(results) == 5 and results[0]["status"] == "keep"
     kept = [x for x in results[1:] if x["status"] == "keep"]
-    assert kept and kept[0]["description"].startswith("DAMPING 0.2 -> 0.3")
+    assert kept and kept[0]["description"].startswith("DAMPING 0.2 -> 0.4")
     best = min((x for x in results if x["status"] == "keep"), key=lambda x: x["val_bpb"])
     assert best["val_bpb"] < results[0]["val_bpb"] and repo.head.commit.hexsha == best["commit"]
     assert "Keep rule: noise-aware" in r.stdout

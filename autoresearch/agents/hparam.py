@@ -18,7 +18,9 @@ the same search):
     it had just been kept going up: below is where it came from). Otherwise the search
     goes on with the next constant, starting upwards.
   * Each full sweep over all constants without a keep shrinks the step:
-    factor 1.5, then 1.5**0.5, 1.5**0.25, ... (finer search around the optimum).
+    factor 2, then 2**0.5, 2**0.25, ... (finer search around the optimum). The first step
+    is an octave because on the cpu profile a x1.5 learning-rate move changed val_bpb by
+    about one noise sigma, too little to confirm in three runs (bench/RESULTS.md).
   * A move whose resulting file was already tried in this run is skipped: the runner
     records the content hash (git blob id) of every scored file, and this agent records the
     hash of every file it proposed (crashed and identical ones included). When every move
@@ -34,8 +36,8 @@ from . import Agent, AgentFailed, Context, Proposal
 
 _CONST = re.compile(r"^(?P<name>[A-Z][A-Z0-9_]*)(?P<eq>\s*=\s*)(?P<value>[-+]?(?:\d[\d_]*\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?))(?P<rest>\s*(?:#.*)?)$")
 TUNABLE_INTS = ("DEPTH",)
-BASE_FACTOR = 1.5
-MAX_SHRINKS = 8          # 1.5 ** (0.5 ** 8) ~ 1.0016: below that, 4 significant digits stop moving
+BASE_FACTOR = 2.0
+MAX_SHRINKS = 8          # 2 ** (0.5 ** 8) ~ 1.0027: below that, 4 significant digits stop moving
 
 
 _BLOCK_MARKER = re.compile(r"^#.*\bhyperparameters\b", re.IGNORECASE)
