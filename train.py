@@ -387,8 +387,10 @@ def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_bu
     momentum_buffer.lerp_(stacked_grads, 1 - momentum)
     g = stacked_grads.lerp_(momentum_buffer, momentum)
     # Polar express: drive the singular values of the update towards 1
-    X = g.to(ortho_dtype)
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    # normalise in float32: a bf16 norm a few percent low would leave singular values above 1,
+    # where the polynomial diverges; the loop below stays in ortho_dtype (bf16 tensor cores)
+    X = g.float()
+    X = (X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)).to(ortho_dtype)
     tall = g.size(-2) > g.size(-1)
     for a, b, c in polar_express_coeffs[:ns_steps]:
         A = X.mT @ X if tall else X @ X.mT

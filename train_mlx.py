@@ -22,14 +22,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from prepare import (PROFILE, SEED, Tokenizer, ensure_prepared, evaluate_bpb, make_dataloader, peak_flops,
-                     profile_line, summary_fields)
+from prepare import (PROFILE, SEED, Tokenizer, apple_gpu_cores, ensure_prepared, evaluate_bpb, make_dataloader,
+                     peak_flops, peak_source, profile_line, summary_fields)
 
 try:  # custom Metal attention kernels (forward + backward); absent or unused off Metal
     import metal_kernels
-    USE_METAL_ATTENTION = mx.metal.is_available()
 except ImportError:
-    USE_METAL_ATTENTION = False
+    metal_kernels = None
+USE_METAL_ATTENTION = False  # set by choose_attention(), after the kernels pass their self-test
 
 # ---------------------------------------------------------------------------
 # GPT Model
@@ -74,8 +74,7 @@ def attention(q, k, v, window, scale):
     T = q.shape[2]
     if window is not None and window >= T - 1:
         window = None
-    # the kernels cover head dims 64/128 with equal q/kv heads; anything else takes MLX's attention
-    if USE_METAL_ATTENTION and metal_kernels.has_kernel(q.shape[-1], q.dtype) and k.shape[1] == q.shape[1]:
+    if USE_METAL_ATTENTION:
         return metal_kernels.attention(q, k, v, window=window, scale=scale)
     mask = "causal" if window is None else window_mask(T, window)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
@@ -329,18 +328,20 @@ def orthogonalize(g, ns_steps=5, dtype=mx.float32, coeffs=None):
     """
     if coeffs is None:
         coeffs = mx.array(polar_express_coeffs)
-    coeffs = coeffs.astype(dtype)
-    X = g.astype(dtype)
-    X = X / (mx.sqrt(mx.sum(X * X, axis=(-2, -1), keepdims=True)) * 1.02 + 1e-6)
+    # The norm and the coefficients stay float32: Metal reduces bf16 with a bf16 accumulator, so
+    # the norm comes out percents low on big matrices (singular values past 1, where the
+    # polynomial diverges), and bf16 turns 8.1566 into 8.1875. Only the matmuls run in `dtype`.
+    X = g.astype(mx.float32)
+    X = (X / (mx.sqrt(mx.sum(X * X, axis=(-2, -1), keepdims=True)) * 1.02 + 1e-6)).astype(dtype)
     tall = g.shape[-2] > g.shape[-1]
     for i in range(ns_steps):
         a, b, c = coeffs[i, 0], coeffs[i, 1], coeffs[i, 2]
         if tall:
             A = X.swapaxes(-1, -2) @ X
-            X = a * X + X @ (b * A + c * (A @ A))
+            X = (a * X + X @ (b * A + c * (A @ A)).astype(dtype)).astype(dtype)
         else:
             A = X @ X.swapaxes(-1, -2)
-            X = a * X + (b * A + c * (A @ A)) @ X
+            X = (a * X + (b * A + c * (A @ A)).astype(dtype) @ X).astype(dtype)
     return X
 
 
@@ -536,6 +537,39 @@ def measured_matmul_peak(dtype=mx.float32, n=1024, reps=5):
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
+def choose_attention(model, dtype):
+    """Metal kernels where they cover the model and pass their self-test on this device (a
+    compile error or a wrong value in Apple's compiler must not kill or corrupt the run), else
+    MLX's attention. AUTORESEARCH_ATTENTION: auto (default) | metal | mlx. Returns the log line."""
+    global USE_METAL_ATTENTION
+    requested = os.environ.get("AUTORESEARCH_ATTENTION", "auto").strip().lower()
+    if requested not in ("auto", "metal", "mlx"):
+        sys.exit(f"AUTORESEARCH_ATTENTION={requested!r} is not one of auto, metal, mlx")
+    fallback = "mx.fast.scaled_dot_product_attention"
+    cfg = model.config
+    head_dim = cfg.n_embd // cfg.n_head
+    windows = sorted({w for w in model.window_sizes if w < cfg.sequence_len - 1}) + [None]
+    if requested == "mlx":
+        why = "AUTORESEARCH_ATTENTION=mlx"
+    elif metal_kernels is None or not metal_kernels.metal_available():
+        why = "no Metal device"
+    elif cfg.n_kv_head != cfg.n_head or not metal_kernels.has_kernel(head_dim, dtype):
+        why = f"no kernel for head dim {head_dim} with {cfg.n_kv_head} of {cfg.n_head} kv heads"
+    elif requested == "auto" and head_dim not in metal_kernels.PREFERRED_HEAD_DIMS:
+        why = f"head dim {head_dim}: MLX's attention is expected faster; AUTORESEARCH_ATTENTION=metal takes the kernels"
+    else:
+        failed = metal_kernels.self_test(head_dim, dtype, windows)
+        if failed is None:
+            USE_METAL_ATTENTION = True
+            return "Attention: metal_kernels"
+        line = f"attention: metal_kernels failed self-test ({failed}); using {fallback}"
+        if requested == "metal":
+            sys.exit(line.replace(f"; using {fallback}", ": AUTORESEARCH_ATTENTION=metal stops here"))
+        return line
+    if requested == "metal":
+        sys.exit(f"AUTORESEARCH_ATTENTION=metal, but {why}")
+    return f"Attention: {fallback} ({why})"
+
 # ---------------------------------------------------------------------------
 # Hyperparameters (edit these directly, no CLI flags needed)
 # ---------------------------------------------------------------------------
@@ -694,13 +728,14 @@ def main():
         return batches, epoch
 
     device = device_name()
-    peak = peak_flops(device, dtype_name)
+    gpu_cores = apple_gpu_cores(getattr(mx, "device_info", dict)()) if on_gpu() else None
+    peak = peak_flops(device, dtype_name, gpu_cores)
     if peak is None:
         peak = measured_matmul_peak(compute_dtype)
         print(f"Peak FLOP/s for MFU: measured {dtype_name} matmul on {device}: {peak / 1e9:.1f} GFLOP/s")
     else:
-        print(f"Peak FLOP/s for MFU: {device} {dtype_name} table value {peak / 1e12:.1f} TFLOP/s")
-    print(f"Attention: {'metal_kernels' if USE_METAL_ATTENTION else 'mx.fast.scaled_dot_product_attention'}")
+        print(f"Peak FLOP/s for MFU: {peak_source(device, dtype_name, gpu_cores)}")
+    print(choose_attention(model, compute_dtype))
     print(f"Time budget: {time_budget}s | gradient accumulation steps: {grad_accum_steps}")
 
     # Warm up compilation and kernel JIT on a throwaway step, then restore the initial weights

@@ -1,4 +1,4 @@
-"""`autoresearch` command line: run, status, report."""
+"""`autoresearch` command line: run, noise, status, report, doctor."""
 from __future__ import annotations
 
 import argparse
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="autoresearch", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-C", "--repo", default=".", help="project checkout to work in (default: current directory)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,noise,status,report}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,noise,status,report,doctor}")
 
     r = sub.add_parser("run", help="run the research loop (baseline first, then experiments)",
                        description="Create branch autoresearch/<tag>, run the baseline, then loop: the agent "
@@ -93,18 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write progress.png and print the table of results")
     rep.add_argument("--tag", default=None, help="run to report (default: the current or most recent run)")
     rep.add_argument("--output", default="progress.png", help="image path (default: progress.png)")
+
+    doc = sub.add_parser("doctor", help="check this machine: device, MLX/torch, data, git, agents, sandbox, disk",
+                         description="One row per need, ok / warning / missing with the command that fixes it. "
+                                     "Exit 0 when the main job can run, 1 when it cannot.")
+    doc.add_argument("--backend", choices=BACKENDS, default=None, help="as for run")
+    doc.add_argument("--online", action="store_true",
+                     help="also check the agents' keys with one tiny request each")
     return p
 
 
 def add_decision_args(r) -> None:
     g = r.add_argument_group("keep rule")
     g.add_argument("--decide", choices=("noise", "greedy"), default=None,
-                   help="noise (default): a gain smaller than the measured noise floor is re-run with new "
-                        "seeds and kept only if the mean still wins; greedy: upstream's strictly-lower rule")
+                   help="noise (default): a result better than the best is re-run with new seeds and kept "
+                        "only if the mean wins by more than the noise floor allows; greedy: upstream's "
+                        "strictly-lower rule")
     g.add_argument("--confidence", type=float, default=0.95,
                    help="one-sided confidence a keep needs under --decide noise (default 0.95)")
     g.add_argument("--reruns", type=int, default=2, metavar="N",
-                   help="re-runs of a candidate inside the noise band (default 2)")
+                   help="re-runs of a candidate better than the best (default 2; 0: one run decides)")
     g.add_argument("--noise-runs", type=int, default=5, metavar="K",
                    help="baseline runs that measure the noise floor when the ledger has none (default 5)")
 
@@ -264,6 +272,16 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from .doctor import cmd_doctor as diagnose
+    root = Path(args.repo).resolve()
+    try:
+        root = gitops.root(gitops.open_repo(root))
+    except gitops.GitError:
+        pass           # not a repository: the git row says so
+    return diagnose(args, root, args.backend or detect_backend())
+
+
 def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -272,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        return {"run": cmd_run, "noise": cmd_noise, "status": cmd_status, "report": cmd_report}[args.command](args)
+        return {"run": cmd_run, "noise": cmd_noise, "status": cmd_status, "report": cmd_report,
+                "doctor": cmd_doctor}[args.command](args)
     except (SetupError, gitops.GitError) as e:
         print(f"autoresearch: {e}", file=sys.stderr)
         return 2

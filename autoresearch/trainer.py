@@ -88,6 +88,30 @@ def parse_summary(log: str) -> dict | None:
     return summary
 
 
+_ATTENTION_LINES = (   # (pattern, group of the path, group of the fallback reason)
+    (re.compile(r"^attention: metal_kernels failed self-test \((.*)\); using (\S+)"), 2, 1),   # train_mlx.py
+    (re.compile(r"^Attention: (\S+)(?: \((.*)\))?$"), 1, 2),                                  # train_mlx.py
+    (re.compile(r"^Flash Attention 3 unavailable \((.*)\); using torch attention"), None, 1),  # train.py
+    (re.compile(r"^Device: .*\battention: (fa3|flex|sdpa)\b"), 1, None),                      # train.py
+)
+
+
+def attention_path(log: str) -> dict | None:
+    """{"path": the attention the run took, "fallback": why not the fast one} from the
+    trainer's start-up lines, or None when it printed none."""
+    path = fallback = None
+    for line in log.splitlines():
+        for pattern, path_group, why_group in _ATTENTION_LINES:
+            m = pattern.match(line.strip())
+            if m:
+                path = m.group(path_group) if path_group else path
+                fallback = (m.group(why_group) if why_group else None) or fallback
+                break
+    if path is None:
+        return None
+    return {"path": path, **({"fallback": fallback} if fallback else {})}
+
+
 @dataclass
 class RunOutcome:
     returncode: int | None          # None when killed at the timeout
@@ -99,6 +123,7 @@ class RunOutcome:
     scored: dict | None = None      # the trusted scorer's result, when the run was scored by it
     tampered: list = field(default_factory=list)   # what the run changed outside its scratch (undone)
     note: str = ""                  # why a run that exited cleanly has no result (general mode's metric)
+    attention: dict | None = None   # the attention path the trainer says it took, and why it fell back
 
     @property
     def ok(self) -> bool:
@@ -242,7 +267,7 @@ def launch(command: list[str], repo_root: Path, log_path: Path, timeout_s: float
         if kernels is not None and not kernels.exists() and built.is_dir():
             shutil.copytree(built, kernels, symlinks=True)
         return RunOutcome(None if timed_out else proc.returncode, timed_out, seconds, summary, log_tail(text),
-                          sandbox=sb.kind, scored=scored, tampered=tampered)
+                          sandbox=sb.kind, scored=scored, tampered=tampered, attention=attention_path(text))
     finally:
         if scorer:
             scorer[0].kill()

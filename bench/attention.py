@@ -121,7 +121,7 @@ def report_on_metal(B: int, H: int, iters: int, dtype) -> None:
     metal_kernels.warmup(dtypes=(dtype,))
     print(f"warm-up (compiles every template variant): {time.perf_counter() - t0:.1f} s\n")
     hdr = (f"{'T':>5} {'D':>4} {'layer':>11} | {'fwd ms mlx':>10} {'kernels':>8} {'x':>5} | {'f+b ms mlx':>10} "
-           f"{'kernels':>8} {'x':>5} | {'peak MB mlx':>11} {'kernels':>8} {'x':>5}")
+           f"{'kernels':>8} {'x':>5} | {'peak MB mlx':>11} {'kernels':>8} {'x':>5} | {'auto takes':>10}")
     print(hdr)
     print("-" * len(hdr))
     for T in SEQ_LENS:
@@ -145,10 +145,13 @@ def report_on_metal(B: int, H: int, iters: int, dtype) -> None:
                     mx.eval(train(q, k, v))
                     row.append((fwd_ms, fb_ms, (get_peak() - base) / 1e6))
                 (rf, rb, rm), (kf, kb, km) = row
+                auto = "kernels" if D in metal_kernels.PREFERRED_HEAD_DIMS else "mlx"
                 print(f"{T:>5} {D:>4} {label:>11} | {rf:>10.2f} {kf:>8.2f} {rf / kf:>4.2f}x | {rb:>10.2f} "
-                      f"{kb:>8.2f} {rb / kb:>4.2f}x | {rm:>11.1f} {km:>8.1f} {rm / km:>4.1f}x")
+                      f"{kb:>8.2f} {rb / kb:>4.2f}x | {rm:>11.1f} {km:>8.1f} {rm / km:>4.1f}x | {auto:>10}"
+                      + ("" if (rb / kb > 1) == (auto == "kernels") else "  (the other is faster here)"))
     print("\nx = MLX / kernels (> 1: the kernels are faster or use less memory). Targets: f+b >= 1.3x at "
-          "D=64; peak memory >= 4x less at T=2048.")
+          "D=64; peak memory >= 4x less at T=2048. 'auto takes': what train_mlx.py runs by default "
+          f"(the kernels at head dims {metal_kernels.PREFERRED_HEAD_DIMS}, metal_kernels.PREFERRED_HEAD_DIMS).")
 
 
 def main(argv=None) -> None:

@@ -55,19 +55,64 @@ _APPLE_PEAKS = {
     "M4": 4.3e12, "M4 Pro": 9.2e12, "M4 Max": 18.4e12,
     "M5": 5.7e12,
 }
+# GPU cores of those full configurations: binned parts (a 30-core M3 Max) scale by core count.
+_APPLE_FULL_CORES = {
+    "M1": 8, "M1 Pro": 16, "M1 Max": 32, "M1 Ultra": 64,
+    "M2": 10, "M2 Pro": 19, "M2 Max": 38, "M2 Ultra": 76,
+    "M3": 10, "M3 Pro": 18, "M3 Max": 40, "M3 Ultra": 80,
+    "M4": 10, "M4 Pro": 20, "M4 Max": 40,
+    "M5": 10,
+}
 
 
-def peak_flops(device_name, dtype="bf16"):
-    """Peak dense FLOP/s of a device by name ("NVIDIA H100 80GB HBM3", "Apple M3 Max"), or None."""
+def _apple_chip(name):
+    m = re.search(r"\bM([1-9])(?:\s+(Pro|Max|Ultra))?\b", name or "")
+    if "Apple" not in (name or "") or not m:
+        return None
+    key = f"M{m.group(1)}" + (f" {m.group(2)}" if m.group(2) else "")
+    return key if key in _APPLE_PEAKS else None
+
+
+def peak_flops(device_name, dtype="bf16", gpu_cores=None):
+    """Peak dense FLOP/s of a device by name ("NVIDIA H100 80GB HBM3", "Apple M3 Max"), or None.
+    gpu_cores: an Apple GPU's core count, which scales the full part's table value."""
     dtype = str(dtype).rsplit(".", 1)[-1]  # also torch.bfloat16 / mlx.core.bfloat16
     dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16", "float": "fp32"}.get(dtype, dtype)
-    name = device_name or ""
-    apple = re.search(r"\bM([1-9])(?:\s+(Pro|Max|Ultra))?\b", name)
-    if "Apple" in name and apple:
-        key = f"M{apple.group(1)}" + (f" {apple.group(2)}" if apple.group(2) else "")
-        return _APPLE_PEAKS.get(key)
+    chip = _apple_chip(device_name)
+    if chip:
+        return _APPLE_PEAKS[chip] * (gpu_cores / _APPLE_FULL_CORES[chip] if gpu_cores else 1)
     for pattern, peaks in _NVIDIA_PEAKS:
-        if re.search(pattern, name, flags=re.I):
+        if re.search(pattern, device_name or "", flags=re.I):
             return peaks.get(dtype)
     return None
 
+
+def peak_source(device_name, dtype="bf16", gpu_cores=None):
+    """Where peak_flops' number comes from, for the trainer's log."""
+    peak = peak_flops(device_name, dtype, gpu_cores)
+    chip = _apple_chip(device_name)
+    if chip and gpu_cores:
+        return (f"{device_name}: {peak / 1e12:.1f} TFLOP/s for {gpu_cores} GPU cores (the {_APPLE_FULL_CORES[chip]}-core "
+                f"{chip}'s {_APPLE_PEAKS[chip] / 1e12:.1f} TFLOP/s, scaled)")
+    if chip:
+        return (f"{device_name}: table value {peak / 1e12:.1f} TFLOP/s of the full {_APPLE_FULL_CORES[chip]}-core {chip} "
+                "(no GPU core count was reported: a chip with fewer cores reads low)")
+    return f"{device_name} {dtype} table value {peak / 1e12:.1f} TFLOP/s"
+
+
+def apple_gpu_cores(info=None):
+    """An Apple GPU's core count: from MLX's device info when it has one, else IOKit's
+    `gpu-core-count` (ioreg), else None."""
+    for key in ("gpu_core_count", "gpu_cores", "num_gpu_cores"):
+        if isinstance((info or {}).get(key), int):
+            return info[key]
+    if sys.platform != "darwin":
+        return None
+    import subprocess
+    try:
+        out = subprocess.run(["ioreg", "-rd1", "-c", "AGXAccelerator"], capture_output=True, text=True,
+                             timeout=5).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r'"gpu-core-count"\s*=\s*(\d+)', out)
+    return int(m.group(1)) if m else None

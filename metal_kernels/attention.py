@@ -19,6 +19,10 @@ import mlx.core as mx
 from . import kernels as K
 
 _DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
+# Largest error of a kernel output relative to the output's scale (floor 0.1), by dtype: what
+# tests/test_metal_kernels.py allows against float64 attention, and what self_test allows
+# against the MLX path (float32 inside, so within rounding of float64 at these tolerances).
+TOLERANCE = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 8e-3}
 
 
 def metal_available() -> bool:
@@ -26,6 +30,14 @@ def metal_available() -> bool:
         return bool(mx.metal.is_available()) and mx.default_device() == mx.gpu
     except Exception:
         return False
+
+
+# Head dims where the fused kernels are expected to beat MLX's attention in training, so
+# train_mlx.py takes them by default. At 128 the dK/dV kernel keeps K, V, dK and dV fragments
+# in registers (D floats per thread, 128 at D=128: past what an Apple GPU thread holds at full
+# occupancy), and MLX PR #3241's fused backward ran at 0.67-0.76x of the unfused one there on
+# an M3 Max (1.17-1.37x faster at 64). `bench/attention.py` on a Mac measures both.
+PREFERRED_HEAD_DIMS = (64,)
 
 
 def has_kernel(head_dim: int, dtype) -> bool:
@@ -165,3 +177,45 @@ def warmup(head_dims=K.HEAD_DIMS, dtypes=(mx.bfloat16, mx.float16, mx.float32), 
             mx.eval(val, grads)
             done.append((D, _DTYPE_NAMES[dtype]))
     return done
+
+
+def self_test(head_dim: int, dtype, windows=(None,), T: int | None = None) -> str | None:
+    """Why the Metal kernels must not be trusted for this model, or None when they may be:
+    the forward output and the three gradients of the Metal path, at a small shape per
+    window (T = 77 causal, window + 45 windowed, so the band edge is inside the row; or T),
+    against the MLX path of the same custom function. Any exception (a compile error in
+    Apple's compiler, a launch failure) is a reason too; so is a device without Metal or a
+    head dim / dtype without a kernel, since then there is nothing to run."""
+    if not metal_available():
+        return "no Metal device"
+    if not has_kernel(head_dim, dtype):
+        return f"no kernel for head dim {head_dim} in {_DTYPE_NAMES.get(dtype, dtype)}"
+    name = _DTYPE_NAMES[dtype]
+    scale = 1.0 / math.sqrt(head_dim)
+    try:
+        for window in windows:
+            window = None if window is None else int(window)
+            rows = T or (77 if window is None else window + 45)
+            q, k, v, w = (mx.random.normal((1, 2, rows, head_dim), key=kk).astype(dtype)
+                          for kk in mx.random.split(mx.random.key(0), 4))
+
+            def outputs(use_metal):
+                fn = _attention_fn(window, scale, use_metal)
+                loss = lambda q, k, v: (fn(q, k, v)[0].astype(mx.float32) * w.astype(mx.float32)).sum()
+                _, grads = mx.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+                out = [fn(q, k, v)[0], *grads]
+                mx.eval(out)
+                return out
+
+            for label, got, want in zip(("output", "dQ", "dK", "dV"), outputs(True), outputs(False)):
+                got, want = got.astype(mx.float32), want.astype(mx.float32)
+                if not mx.isfinite(got).all().item():
+                    return f"{label} has non-finite values (head dim {head_dim}, {name}, window {window})"
+                err = (mx.abs(got - want).max() / mx.maximum(mx.abs(want).max(), 0.1)).item()
+                if err > TOLERANCE[name]:
+                    return (f"{label} differs from the MLX path by {err:.1e} > {TOLERANCE[name]:.0e} "
+                            f"(head dim {head_dim}, {name}, window {window})")
+    except Exception as e:   # noqa: BLE001  any failure of the kernels means: do not use them
+        first = (str(e).strip().splitlines() or [""])[0]
+        return f"{type(e).__name__}: {first[:200]}"
+    return None

@@ -53,3 +53,34 @@ def builtin(builtin_cache, monkeypatch):
     monkeypatch.setattr(prepare, "DATASET", "builtin")
     monkeypatch.setattr(prepare, "PROFILE", prepare.PROFILES["smoke"])
     return prepare.Tokenizer.from_directory()
+
+
+@pytest.fixture
+def emulated_metal(monkeypatch):
+    """Routes metal_kernels.attention's Metal launches through the CPU emulator (the kernel
+    sources compiled as C++), and reports Metal as available: the Metal path runs here.
+    Returns the list of kernel names launched."""
+    import mlx.core as mx
+    from metal_kernels.emulator import EmulatorError, metal_kernel
+    from metal_kernels.emulator.compiler import find_compiler
+
+    try:
+        find_compiler()
+    except EmulatorError as e:  # pragma: no cover
+        pytest.skip(str(e))
+    launched = []
+
+    def launch(call, args):
+        kern = metal_kernel(name=call.name, input_names=call.input_names, output_names=call.output_names,
+                            source=call.source, header=call.header)
+        outs = kern(inputs=args, template=call.template, grid=call.grid, threadgroup=call.threadgroup,
+                    output_shapes=call.output_shapes, output_dtypes=call.output_dtypes, init_value=float("nan"))
+        launched.append(call.name)
+        return [mx.array(o).astype(getattr(mx, d)) for o, d in zip(outs, call.output_dtypes)]
+
+    import importlib
+    attn_mod = importlib.import_module("metal_kernels.attention")   # the module, not the function of that name
+    monkeypatch.setattr(attn_mod, "_launch", launch)
+    monkeypatch.setattr(attn_mod, "metal_available", lambda: True)
+    monkeypatch.setattr(sys.modules["metal_kernels"], "metal_available", lambda: True)   # the package's name too
+    return launched

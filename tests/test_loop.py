@@ -334,3 +334,18 @@ def test_crashed_baseline_stops_then_resumes_on_the_users_fix(tmp_path):
     assert [(x[3], x[4]) for x in rows] == [("crash", "baseline"), ("keep", "baseline"),
                                             ("keep", "MATRIX_LR 0.04 -> 0.08")]
     assert repo.git.log("-2", "--format=%s").splitlines() == ["MATRIX_LR 0.04 -> 0.08", "fix depth"]
+
+
+def test_the_attention_path_is_read_from_either_trainers_start_up_lines():
+    from autoresearch.trainer import attention_path
+    assert attention_path("Vocab size: 8,192\nAttention: metal_kernels\nTime budget: 300s\n") == {"path": "metal_kernels"}
+    assert attention_path("Attention: mx.fast.scaled_dot_product_attention (no Metal device)\n") == \
+        {"path": "mx.fast.scaled_dot_product_attention", "fallback": "no Metal device"}
+    failed = ("attention: metal_kernels failed self-test (RuntimeError: [metal::Device] Unable to build metal "
+              "library from source); using mx.fast.scaled_dot_product_attention\n")
+    assert attention_path(failed) == {"path": "mx.fast.scaled_dot_product_attention",
+                                      "fallback": "RuntimeError: [metal::Device] Unable to build metal library from source"}
+    torch_log = ("Flash Attention 3 unavailable (ModuleNotFoundError: No module named 'kernels'); using torch attention\n"
+                 "Device: NVIDIA H100 80GB HBM3 (cuda), attention: flex, compute dtype: bf16\n")
+    assert attention_path(torch_log) == {"path": "flex", "fallback": "ModuleNotFoundError: No module named 'kernels'"}
+    assert attention_path("no such lines\n") is None

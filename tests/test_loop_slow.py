@@ -57,6 +57,8 @@ def test_real_train_mlx_smoke_two_experiments_with_hparam(tmp_path, builtin_cach
     # the real trainer ran sandboxed and was scored by the runner's scorer
     assert base["sandbox"] == ("bwrap" if shutil.which("bwrap") else "none")
     assert base["probes"] >= 8 and base["hidden_bpb"] > 0
+    if sys.platform == "linux":   # the attention the trainer took, and why not the kernels
+        assert base["attention"] == {"path": "mx.fast.scaled_dot_product_attention", "fallback": "no Metal device"}
     # the unigram floor of the eval rows, from the scorer, is the one the summary printed
     assert base["unigram_bpb"] == pytest.approx(base["summary"]["unigram_bpb"], abs=1e-6) and base["unigram_bpb"] > 2
     for res in results[1:]:

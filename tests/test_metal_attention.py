@@ -125,31 +125,6 @@ def test_package_imports_only_mlx_and_itself():
 
 # ------------------------------------------------------------------- the Metal path, emulated
 
-@pytest.fixture
-def emulated_metal(monkeypatch):
-    """Routes attention()'s Metal launches through the CPU emulator."""
-    from metal_kernels.emulator import EmulatorError, metal_kernel
-    from metal_kernels.emulator.compiler import find_compiler
-
-    try:
-        find_compiler()
-    except EmulatorError as e:  # pragma: no cover
-        pytest.skip(str(e))
-    launched = []
-
-    def launch(call, args):
-        kern = metal_kernel(name=call.name, input_names=call.input_names, output_names=call.output_names,
-                            source=call.source, header=call.header)
-        outs = kern(inputs=args, template=call.template, grid=call.grid, threadgroup=call.threadgroup,
-                    output_shapes=call.output_shapes, output_dtypes=call.output_dtypes, init_value=float("nan"))
-        launched.append(call.name)
-        return [mx.array(o).astype(getattr(mx, d)) for o, d in zip(outs, call.output_dtypes)]
-
-    monkeypatch.setattr(attn_mod, "_launch", launch)
-    monkeypatch.setattr(attn_mod, "metal_available", lambda: True)
-    return launched
-
-
 @pytest.mark.parametrize("window,D", [(None, 64), (9, 128)])
 def test_metal_path_wiring_matches_naive_attention(emulated_metal, window, D):
     q, k, v, w = inputs((1, 2, 45, D), seed=4)
@@ -160,3 +135,38 @@ def test_metal_path_wiring_matches_naive_attention(emulated_metal, window, D):
     assert abs(val.item() - ref_val.item()) < 1e-3
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(np.array(g), np.array(r), atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------- the self-test before training
+
+def test_self_test_passes_kernels_that_agree(emulated_metal):
+    assert metal_kernels.self_test(64, mx.float32, windows=(None, 9), T=45) is None
+    assert emulated_metal[:3] == ["fa_fwd", "fa_bwd_dq", "fa_bwd_dkdv"]
+
+
+def test_self_test_fails_kernels_that_return_wrong_values(emulated_metal, monkeypatch):
+    emulated = attn_mod._launch
+
+    def off_by_a_bit(call, args):     # a kernel whose dK comes out 5% large
+        outs = emulated(call, args)
+        return [outs[0] * 1.05, *outs[1:]] if call.name == "fa_bwd_dkdv" else outs
+    monkeypatch.setattr(attn_mod, "_launch", off_by_a_bit)
+    reason = metal_kernels.self_test(64, mx.float32, windows=(None,), T=45)
+    assert reason.startswith("dK differs from the MLX path by 5.") and "head dim 64, float32" in reason
+
+
+def test_self_test_fails_kernels_that_do_not_compile(monkeypatch):
+    def compile_error(call, args):
+        raise RuntimeError("[metal::Device] Unable to build metal library from source\n"
+                           "program_source:12:5: error: use of undeclared identifier 'simd_sum2'")
+    monkeypatch.setattr(attn_mod, "_launch", compile_error)
+    monkeypatch.setattr(attn_mod, "metal_available", lambda: True)
+    reason = metal_kernels.self_test(128, mx.bfloat16)
+    assert reason == "RuntimeError: [metal::Device] Unable to build metal library from source"
+
+
+def test_self_test_without_metal_or_kernel_says_why(monkeypatch):
+    if not metal_kernels.metal_available():
+        assert metal_kernels.self_test(64, mx.float32) == "no Metal device"
+    monkeypatch.setattr(attn_mod, "metal_available", lambda: True)
+    assert metal_kernels.self_test(80, mx.bfloat16) == "no kernel for head dim 80 in bfloat16"

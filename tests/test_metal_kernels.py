@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from metal_kernels import TOLERANCE
 from metal_kernels import kernels as K
 from metal_kernels.emulator import EmulatorError, metal_kernel
 from metal_kernels.emulator.compiler import find_compiler
@@ -29,7 +30,7 @@ def _no_compiler():
 pytestmark = pytest.mark.skipif(bool(_no_compiler()), reason=_no_compiler() or "clang++ found")
 
 # max |kernel - reference| / max |reference| allowed per dtype (outputs are rounded to it)
-TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 8e-3}
+TOL = TOLERANCE
 SHUFFLED = 7
 
 

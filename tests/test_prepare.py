@@ -442,3 +442,15 @@ def test_tokenizer_of_other_data_is_refused(builtin_cache, tmp_path):
     shutil.copytree(cache / "builtin", cache / "tinystories")
     assert_user_error(run_prepare_py([], {**env, "AUTORESEARCH_DATASET": "tinystories"}, code=code),
                       "trained for dataset 'builtin'")
+
+
+def test_a_binned_apple_chip_scales_the_full_parts_peak():
+    full = prepare.peak_flops("Apple M3 Max (gpu)", "bf16")
+    assert prepare.peak_flops("Apple M3 Max (gpu)", "bf16", gpu_cores=30) == pytest.approx(full * 30 / 40)
+    assert prepare.peak_flops("Apple M3 Max (gpu)", "bf16", gpu_cores=30) == pytest.approx(12.3e12)
+    assert "30 GPU cores" in prepare.peak_source("Apple M3 Max (gpu)", "bf16", 30)
+    assert "full 40-core M3 Max" in prepare.peak_source("Apple M3 Max (gpu)", "bf16", None)
+    assert prepare.peak_flops("NVIDIA H100 80GB HBM3", "bf16", gpu_cores=30) == 989.5e12   # not an Apple count
+    assert prepare.apple_gpu_cores({"gpu_core_count": 30}) == 30
+    if sys.platform != "darwin":
+        assert prepare.apple_gpu_cores({}) is None

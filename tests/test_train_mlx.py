@@ -233,3 +233,122 @@ def test_bf16_layout_trains():
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < 0.7 * losses[0], losses
     assert all(p.dtype == mx.float32 for p in model.flat_parameters().values())
     assert model(batch[0][0]).dtype == mx.float32  # logits for the harness
+
+
+# ---------------------------------------------------------------------------
+# Attention choice (the Metal kernels' self-test) and Muon numerics in bf16
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def attention_choice():
+    yield
+    train_mlx.USE_METAL_ATTENTION = False
+
+
+def test_off_metal_the_attention_line_says_mlx_and_why(attention_choice, monkeypatch):
+    model = tiny_model()
+    assert train_mlx.choose_attention(model, mx.float32) == \
+        "Attention: mx.fast.scaled_dot_product_attention (no Metal device)"
+    monkeypatch.setenv("AUTORESEARCH_ATTENTION", "metal")
+    with pytest.raises(SystemExit, match="AUTORESEARCH_ATTENTION=metal, but no Metal device"):
+        train_mlx.choose_attention(model, mx.float32)
+    monkeypatch.setenv("AUTORESEARCH_ATTENTION", "fast")
+    with pytest.raises(SystemExit, match="not one of auto, metal, mlx"):
+        train_mlx.choose_attention(model, mx.float32)
+
+
+def test_kernels_that_pass_the_self_test_are_used(attention_choice, emulated_metal):
+    model = tiny_model(n_head=1, n_kv_head=1)       # head dim 64: a kernel exists
+    assert train_mlx.choose_attention(model, mx.float32) == "Attention: metal_kernels"
+    assert train_mlx.USE_METAL_ATTENTION and emulated_metal[:3] == ["fa_fwd", "fa_bwd_dq", "fa_bwd_dkdv"]
+    emulated_metal.clear()
+    x, y = random_batch(0)
+    mx.eval(model(x, y))
+    assert "fa_fwd" in emulated_metal            # the model's forward went through the kernels
+
+
+def test_grouped_query_attention_is_routed_to_mlx_and_said(attention_choice, emulated_metal):
+    model = tiny_model(n_embd=128, n_head=2, n_kv_head=1)
+    line = train_mlx.choose_attention(model, mx.float32)
+    assert line == "Attention: mx.fast.scaled_dot_product_attention (no kernel for head dim 64 with 1 of 2 kv heads)"
+    assert not train_mlx.USE_METAL_ATTENTION and emulated_metal == []
+
+
+def test_kernels_that_fail_the_self_test_fall_back(attention_choice, emulated_metal, monkeypatch):
+    attn_mod = sys.modules["metal_kernels.attention"]
+    emulated = attn_mod._launch
+    model = tiny_model(n_head=1, n_kv_head=1)
+
+    def wrong_forward(call, args):          # a kernel that compiles but computes O 3% off
+        outs = emulated(call, args)
+        return [outs[0] * 1.03, *outs[1:]] if call.name == "fa_fwd" else outs
+    monkeypatch.setattr(attn_mod, "_launch", wrong_forward)
+    line = train_mlx.choose_attention(model, mx.float32)
+    assert line.startswith("attention: metal_kernels failed self-test (output differs from the MLX path by 3.")
+    assert line.endswith("; using mx.fast.scaled_dot_product_attention") and not train_mlx.USE_METAL_ATTENTION
+
+    def compile_error(call, args):
+        raise RuntimeError("[metal::Device] Unable to build metal library from source")
+    monkeypatch.setattr(attn_mod, "_launch", compile_error)
+    assert train_mlx.choose_attention(model, mx.float32) == (
+        "attention: metal_kernels failed self-test (RuntimeError: [metal::Device] Unable to build metal library "
+        "from source); using mx.fast.scaled_dot_product_attention")
+    x, y = random_batch(0)
+    assert math.isfinite(model(x, y).item())     # the run goes on, on MLX's attention
+    monkeypatch.setenv("AUTORESEARCH_ATTENTION", "metal")
+    with pytest.raises(SystemExit, match="AUTORESEARCH_ATTENTION=metal stops here"):
+        train_mlx.choose_attention(model, mx.float32)
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest bfloat16 (round to nearest even), kept as float32."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).view(np.float32)
+
+
+def bf16_accumulated_sum(x: np.ndarray, lanes: int = 1024) -> float:
+    """sum(x) as a GPU reduction with a bf16 accumulator adds it up: each of `lanes` threads
+    sums its strided share, rounding to bf16 after every add, then the partials are summed."""
+    parts = x.reshape(-1, lanes)
+    acc = np.zeros(lanes, dtype=np.float32)
+    for row in parts:
+        acc = to_bf16(acc + row)
+    return float(acc.sum(dtype=np.float64))
+
+
+def test_muon_normalises_in_float32_when_it_computes_in_bf16(monkeypatch):
+    # a low-rank update (momentum makes them so): its top singular value is most of its norm
+    key_u, key_v, key_n = mx.random.split(mx.random.key(7), 3)
+    g = 10 * mx.random.normal((2048, 1), key=key_u) @ mx.random.normal((1, 512), key=key_v) \
+        + 0.3 * mx.random.normal((2048, 512), key=key_n)
+    squares = np.array(g.astype(mx.bfloat16).astype(mx.float32)) ** 2
+    exact = float(np.sqrt(squares.sum(dtype=np.float64)))
+    assert math.sqrt(bf16_accumulated_sum(squares.ravel())) < 0.95 * exact   # the hazard: a bf16 accumulator
+
+    real_sum = mx.sum
+
+    def metal_like_sum(x, *args, **kwargs):       # Metal's reduction of bf16 input, emulated
+        if x.dtype != mx.bfloat16:
+            return real_sum(x, *args, **kwargs)
+        total = bf16_accumulated_sum(np.array(x.astype(mx.float32)).ravel())
+        return mx.array(total, dtype=mx.bfloat16).reshape((1,) * x.ndim)
+    monkeypatch.setattr(mx, "sum", metal_like_sum)
+    X = train_mlx.orthogonalize(g, ns_steps=0, dtype=mx.bfloat16)
+    top = np.linalg.svd(np.array(X.astype(mx.float32)), compute_uv=False).max()
+    assert X.dtype == mx.bfloat16 and 0.9 < top <= 1.0, top   # about 1.07 with the norm summed in bf16
+    full = train_mlx.orthogonalize(g, dtype=mx.bfloat16)
+    singular = np.linalg.svd(np.array(full.astype(mx.float32)), compute_uv=False)
+    assert np.isfinite(singular).all() and singular.max() < 1.3
+
+
+def test_head_dim_128_takes_mlx_attention_unless_asked(attention_choice, emulated_metal, monkeypatch):
+    model = tiny_model(n_embd=128, n_head=1, n_kv_head=1)         # the default model's head dim
+    assert train_mlx.choose_attention(model, mx.float32) == ("Attention: mx.fast.scaled_dot_product_attention "
+        "(head dim 128: MLX's attention is expected faster; AUTORESEARCH_ATTENTION=metal takes the kernels)")
+    assert emulated_metal == []
+    monkeypatch.setenv("AUTORESEARCH_ATTENTION", "metal")
+    assert train_mlx.choose_attention(model, mx.float32) == "Attention: metal_kernels"
+    monkeypatch.setenv("AUTORESEARCH_ATTENTION", "mlx")
+    assert train_mlx.choose_attention(model, mx.float32) == \
+        "Attention: mx.fast.scaled_dot_product_attention (AUTORESEARCH_ATTENTION=mlx)"
