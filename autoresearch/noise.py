@@ -66,13 +66,13 @@ def measure(trainer, repo_root: Path, runs: int, timeout_s: float, log_dir: Path
 
 
 def noise_record(ledger, trainer, harness: dict, backend: str, values: list[float], seeds: list[int],
-                 problems: list[str], repo_root: Path, source: str) -> dict:
+                 problems: list[str], repo_root: Path, source: str, **extra) -> dict:
     """Append the `noise` ledger record and return it."""
     stats = spread(values)
     return ledger.append("noise", source=source, backend=backend, harness=harness,
                          training_file=trainer.training_file,
                          blob=blob_id(repo_root, trainer.training_file), values=values, seeds=seeds,
-                         problems=problems, **stats)
+                         problems=problems, **stats, **extra)
 
 
 def format_noise(record: dict, metric: str = "val_bpb") -> str:
@@ -95,13 +95,24 @@ def cmd_noise(args, trainer, harness: dict, ledger, repo_root: Path, out=print) 
               else f"profile {harness.get('profile')}, dataset {harness.get('dataset')}")
     out(f"Running {trainer.training_file} {runs} times (seeds {base_seed()}..{base_seed() + runs - 1}, {target}).")
 
+    steps = []      # optimizer steps of each usable run: on a fixed time budget, most of the noise
+
     def on_run(i, seed, outcome, problem):
         shown = f"{outcome.value:.6f}" if outcome.ok else "-"
-        out(f"  run {i + 1}/{runs} seed {seed}: {shown} ({outcome.seconds:.1f} s)" + (f"  {problem}" if problem else ""))
+        n = (outcome.summary or {}).get("num_steps")
+        if outcome.ok and not problem and isinstance(n, int):
+            steps.append(n)
+        out(f"  run {i + 1}/{runs} seed {seed}: {shown} ({outcome.seconds:.1f} s"
+            + (f", {n} steps" if isinstance(n, int) else "") + ")" + (f"  {problem}" if problem else ""))
 
     values, seeds, problems = measure(trainer, repo_root, runs, timeout, on_run=on_run)
-    record = noise_record(ledger, trainer, harness, trainer.backend, values, seeds, problems, repo_root, "noise")
+    extra = {"steps": {**spread(steps), "values": steps}} if len(steps) == len(values) and steps else {}
+    record = noise_record(ledger, trainer, harness, trainer.backend, values, seeds, problems, repo_root, "noise",
+                          **extra)
     out(format_noise(record, getattr(trainer, "metric_name", "val_bpb")))
+    if extra and extra["steps"]["std"] is not None:
+        out(f"optimizer steps: mean {extra['steps']['mean']:.1f}, std {extra['steps']['std']:.1f}, "
+            f"range {extra['steps']['min']}..{extra['steps']['max']}")
     if problems:
         out(f"{len(problems)} run(s) unusable: " + "; ".join(problems))
     return 0 if record.get("std") is not None else 1

@@ -253,6 +253,8 @@ def test_noise_command_records_the_floor_and_run_uses_it(tmp_path):
     assert rec["seeds"] == [7, 8, 9, 10] and rec["n"] == 4 and rec["std"] > 0
     assert rec["mean"] == pytest.approx(sum(rec["values"]) / 4)
     assert "std" in r.stdout and f"{rec['std']:.6f}" in r.stdout
+    # the stand-in makes 1 + k % 3 steps on its k-th run: 1, 2, 3, 1
+    assert rec["steps"]["values"] == [1, 2, 3, 1] and "optimizer steps: mean 1.8, std 1.0, range 1..3" in r.stdout
     assert repo.git.status("--porcelain") == ""      # ledger and logs are excluded run outputs
     # a run with the noise rule picks the recorded floor: no extra baseline runs
     r = run_cli(d, "run", "--agent", "hparam", "--backend", "mlx", "--tag", "x", "--max-experiments", "1", env=env)
