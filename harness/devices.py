@@ -46,22 +46,15 @@ _NVIDIA_PEAKS = [  # (name pattern, {dtype: FLOP/s}); the first matching pattern
     (r"RTX 3080", {"bf16": 59.5e12, "fp16": 59.5e12, "tf32": 29.8e12, "fp32": 29.8e12}),
 ]
 
-# Apple GPUs (full-core configurations): fp32 FMA throughput; MLX runs bf16/fp16 matmuls at
-# about the same rate on M1-M4, so one number serves every dtype.
-_APPLE_PEAKS = {
-    "M1": 2.6e12, "M1 Pro": 5.2e12, "M1 Max": 10.4e12, "M1 Ultra": 21.2e12,
-    "M2": 3.6e12, "M2 Pro": 6.8e12, "M2 Max": 13.6e12, "M2 Ultra": 27.2e12,
-    "M3": 4.1e12, "M3 Pro": 7.4e12, "M3 Max": 16.4e12, "M3 Ultra": 32.8e12,
-    "M4": 4.3e12, "M4 Pro": 9.2e12, "M4 Max": 18.4e12,
-    "M5": 5.7e12,
-}
-# GPU cores of those full configurations: binned parts (a 30-core M3 Max) scale by core count.
-_APPLE_FULL_CORES = {
-    "M1": 8, "M1 Pro": 16, "M1 Max": 32, "M1 Ultra": 64,
-    "M2": 10, "M2 Pro": 19, "M2 Max": 38, "M2 Ultra": 76,
-    "M3": 10, "M3 Pro": 18, "M3 Max": 40, "M3 Ultra": 80,
-    "M4": 10, "M4 Pro": 20, "M4 Max": 40,
-    "M5": 10,
+# Apple GPUs, full-core configurations: (fp32 FMA FLOP/s, GPU cores). MLX runs bf16/fp16
+# matmuls at about the same rate on M1-M4, so one number serves every dtype; a binned part
+# (a 30-core M3 Max) scales by its core count.
+_APPLE = {
+    "M1": (2.6e12, 8), "M1 Pro": (5.2e12, 16), "M1 Max": (10.4e12, 32), "M1 Ultra": (21.2e12, 64),
+    "M2": (3.6e12, 10), "M2 Pro": (6.8e12, 19), "M2 Max": (13.6e12, 38), "M2 Ultra": (27.2e12, 76),
+    "M3": (4.1e12, 10), "M3 Pro": (7.4e12, 18), "M3 Max": (16.4e12, 40), "M3 Ultra": (32.8e12, 80),
+    "M4": (4.3e12, 10), "M4 Pro": (9.2e12, 20), "M4 Max": (18.4e12, 40),
+    "M5": (5.7e12, 10),
 }
 
 
@@ -70,7 +63,7 @@ def _apple_chip(name):
     if "Apple" not in (name or "") or not m:
         return None
     key = f"M{m.group(1)}" + (f" {m.group(2)}" if m.group(2) else "")
-    return key if key in _APPLE_PEAKS else None
+    return key if key in _APPLE else None
 
 
 def peak_flops(device_name, dtype="bf16", gpu_cores=None):
@@ -80,7 +73,8 @@ def peak_flops(device_name, dtype="bf16", gpu_cores=None):
     dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16", "float": "fp32"}.get(dtype, dtype)
     chip = _apple_chip(device_name)
     if chip:
-        return _APPLE_PEAKS[chip] * (gpu_cores / _APPLE_FULL_CORES[chip] if gpu_cores else 1)
+        peak, cores = _APPLE[chip]
+        return peak * (gpu_cores / cores if gpu_cores else 1)
     for pattern, peaks in _NVIDIA_PEAKS:
         if re.search(pattern, device_name or "", flags=re.I):
             return peaks.get(dtype)
@@ -92,10 +86,11 @@ def peak_source(device_name, dtype="bf16", gpu_cores=None):
     peak = peak_flops(device_name, dtype, gpu_cores)
     chip = _apple_chip(device_name)
     if chip and gpu_cores:
-        return (f"{device_name}: {peak / 1e12:.1f} TFLOP/s for {gpu_cores} GPU cores (the {_APPLE_FULL_CORES[chip]}-core "
-                f"{chip}'s {_APPLE_PEAKS[chip] / 1e12:.1f} TFLOP/s, scaled)")
+        full, cores = _APPLE[chip]
+        return (f"{device_name}: {peak / 1e12:.1f} TFLOP/s for {gpu_cores} GPU cores (the {cores}-core "
+                f"{chip}'s {full / 1e12:.1f} TFLOP/s, scaled)")
     if chip:
-        return (f"{device_name}: table value {peak / 1e12:.1f} TFLOP/s of the full {_APPLE_FULL_CORES[chip]}-core {chip} "
+        return (f"{device_name}: table value {peak / 1e12:.1f} TFLOP/s of the full {_APPLE[chip][1]}-core {chip} "
                 "(no GPU core count was reported: a chip with fewer cores reads low)")
     return f"{device_name} {dtype} table value {peak / 1e12:.1f} TFLOP/s"
 
