@@ -38,8 +38,7 @@ import numpy as np
 
 from harness import devices, download, errors, eval_kernels, integrity, prefetch, tokenizer_training, unigram
 from harness.blas import use_tuned_blas  # noqa: F401  (train_mlx.py calls it before importing MLX)
-# the trainers' mfu_percent, and the default profile
-from harness.devices import apple_gpu_cores, gpu_expected, peak_flops, peak_source  # noqa: F401
+from harness.devices import apple_gpu_cores, gpu_expected, peak_flops, peak_source  # noqa: F401  (trainers' MFU)
 from harness.download import MAX_SHARD, VAL_SHARD
 from harness.errors import HarnessError
 from harness.integrity import HIDDEN_EVAL_FRACTION

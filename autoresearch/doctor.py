@@ -49,7 +49,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def mlx_rows(root: Path, mx=None, self_test=None) -> list[Row]:
+def mlx_rows(root: Path, mx=None, self_test=None, head_dims=(64, 128)) -> list[Row]:
     """MLX, its device, and (on Metal) the attention kernels' self-test. `mx` and `self_test`
     stand in for mlx.core and metal_kernels.self_test (tests fake a Mac with them)."""
     if mx is None:
@@ -76,8 +76,6 @@ def mlx_rows(root: Path, mx=None, self_test=None) -> list[Row]:
                                                           "mx.fast.scaled_dot_product_attention")]
         head_dims = kernels.HEAD_DIMS
         self_test = lambda D: metal_kernels.self_test(D, mx.bfloat16, windows=(None, 64))
-    else:
-        head_dims = (64, 128)
     failed = [(D, why) for D in head_dims for why in [self_test(D)] if why]
     if failed:
         D, why = failed[0]
