@@ -41,6 +41,7 @@ from harness.blas import use_tuned_blas  # noqa: F401  (train_mlx.py calls it be
 from harness.devices import apple_gpu_cores, gpu_expected, peak_flops, peak_source  # noqa: F401  (trainers' MFU)
 from harness.download import MAX_SHARD, VAL_SHARD
 from harness.errors import HarnessError
+from harness.memory import fit_device_batch, memory_limit  # noqa: F401  (trainers fit the micro-batch to memory)
 from harness.integrity import HIDDEN_EVAL_FRACTION
 from harness.scorer import SCORER_FD_ENV, evaluate_remote
 

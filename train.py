@@ -27,7 +27,8 @@ except ImportError:
     sys.exit("train.py needs PyTorch, which is not installed in this environment. On a Linux GPU box: "
              "`uv sync --extra cuda`, then `uv run train.py`. On a Mac, use the MLX trainer: `uv run train_mlx.py`.")
 
-from prepare import PROFILE, Tokenizer, make_dataloader, evaluate_bpb, summary_fields, peak_flops, profile_line
+from prepare import (PROFILE, Tokenizer, evaluate_bpb, fit_device_batch, make_dataloader, memory_limit, peak_flops,
+                     profile_line, summary_fields)
 
 # ---------------------------------------------------------------------------
 # Attention: Flash Attention 3 when the kernel hub delivers it, else torch's own
@@ -234,6 +235,48 @@ class Block(nn.Module):
         return x
 
 
+LOSS_CHUNK = 2048  # rows of logits alive at a time: 2048 x 8192 float32 = 64 MiB
+
+
+class LMHeadLoss(torch.autograd.Function):
+    """sum over targets >= 0 of CE(softcap * tanh(x @ weight.T / softcap), target), with its
+    gradients for x and weight, one chunk of LOSS_CHUNK rows at a time.
+
+    Why: the (tokens, vocab) logits are the largest tensors of a step (8.6 GB in float32 for
+    the 262K tokens of a CUDA micro-batch), and autograd through LM head, tanh and cross-entropy
+    keeps several of that size alive. Here a chunk's logits live only until its share of the
+    gradients is taken, so the loss holds O(chunk x vocab) memory. The capped logits lie in
+    [-softcap, softcap], so exp(c - softcap) needs no max pass and cannot overflow.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap):
+        w = weight.to(x.dtype)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        dx, dw = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)
+        for lo in range(0, x.size(0), LOSS_CHUNK):
+            xi, ti = x[lo:lo + LOSS_CHUNK], targets[lo:lo + LOSS_CHUNK]
+            valid = (ti >= 0).float()
+            ti = ti.clamp(min=0)
+            t = torch.tanh((xi @ w.T).float() / softcap)
+            g = torch.exp(softcap * (t - 1))
+            denom = g.sum(-1, keepdim=True)
+            total += ((denom.log()[:, 0] + softcap * (1 - t.gather(1, ti[:, None])[:, 0])) * valid).sum()
+            g.div_(denom)
+            g.scatter_add_(1, ti[:, None], -torch.ones_like(g[:, :1]))
+            g.mul_(1 - t * t).mul_(valid[:, None])
+            g = g.to(x.dtype)
+            dx[lo:lo + LOSS_CHUNK] = g @ w
+            dw += (g.T @ xi).float()
+        ctx.save_for_backward(dx, dw)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        dx, dw = ctx.saved_tensors
+        return (grad_total * dx).to(dx.dtype), grad_total * dw, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -336,7 +379,7 @@ class GPT(nn.Module):
             group["initial_lr"] = group["lr"]
         return optimizer
 
-    def forward(self, idx, targets=None, reduction="mean"):
+    def forward(self, idx, targets=None):
         """Logits (B, T, vocab) in float32, soft-capped; the mean loss when targets are given."""
         B, T = idx.size()
         assert T <= self.cos.size(1), f"sequence of {T} tokens is longer than the rotary table"
@@ -349,12 +392,12 @@ class GPT(nn.Module):
             x = block(x, ve, cos_sin, self.window_sizes[i])
         x = norm(x)
         softcap = 15
-        logits = self.lm_head(x).float()
-        logits = softcap * torch.tanh(logits / softcap)
-        if targets is not None:
-            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
-                                   ignore_index=-1, reduction=reduction)
-        return logits
+        if targets is None:
+            return softcap * torch.tanh(self.lm_head(x).float() / softcap)
+        # mean cross-entropy over targets >= 0 (-1 = ignore, as upstream), the LM head fused in
+        targets = targets.reshape(-1)
+        total = LMHeadLoss.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets, softcap)
+        return total / (targets >= 0).sum().clamp(min=1)
 
 # ---------------------------------------------------------------------------
 # Optimizer: Muon (polar express, NorMuon, cautious weight decay) for the block
@@ -501,7 +544,7 @@ FINAL_LR_FRAC = 0.0     # final LR as fraction of initial
 
 # Model size
 DEPTH = 8               # number of transformer layers
-DEVICE_BATCH_SIZE = 128 # per-device batch size (reduce if OOM)
+DEVICE_BATCH_SIZE = 128 # per-device batch size (lowered at start-up if a step would not fit memory)
 
 if PROFILE.name == "cpu":
     # The default on a CPU (120 s, 256-token rows): a small model, small steps, that learns there.
@@ -577,6 +620,23 @@ def peak_memory_mb(device):
         return torch.cuda.max_memory_allocated(device) / 1024 / 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 1024 / 1024 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def step_peak(model, optimizer, rows, seq_len, device, autocast_ctx):
+    """Peak bytes of one eager training step of `rows` sequences of throwaway tokens (the caller
+    restores the weights and the optimizer state). CUDA: the allocator's peak. A CPU: the
+    process's peak resident set, which never goes down, so it is read after larger steps only."""
+    x = torch.zeros((rows, seq_len), dtype=torch.long, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with autocast_ctx:
+        loss = model(x, x)
+    loss.backward()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    sync(device)
+    return peak_memory_mb(device) * 2 ** 20
 
 
 def build_model_config(depth, vocab_size, seq_len):
@@ -662,21 +722,35 @@ def main():
     else:
         print(f"Device peak: {device_peak / 1e12:.1f} TFLOP/s {compute_dtype} (table)")
 
-    tokens_per_fwdbwd = DEVICE_BATCH_SIZE * seq_len
-    assert TOTAL_BATCH_SIZE % tokens_per_fwdbwd == 0, "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * seq_len"
-    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
+    rows_per_step = TOTAL_BATCH_SIZE // seq_len
+    if TOTAL_BATCH_SIZE % seq_len or rows_per_step % DEVICE_BATCH_SIZE:
+        sys.exit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE * seq_len = "
+                 f"{DEVICE_BATCH_SIZE} * {seq_len}: change one of them.")
 
     optimizer = model.setup_optimizer(
         unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, scalar_lr=SCALAR_LR,
         adam_betas=ADAM_BETAS, matrix_lr=MATRIX_LR, weight_decay=WEIGHT_DECAY, compile=on_cuda,
     )
+    # The micro-batch that fits this machine's memory, measured on smaller eager steps first;
+    # then the weights and optimizer state those throwaway steps changed are put back
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    ours = torch.cuda.memory_reserved(device) + torch.cuda.mem_get_info(device)[0] if on_cuda else None
+    device_batch, memory_line = fit_device_batch(
+        lambda rows: step_peak(model, optimizer, rows, seq_len, device, autocast_ctx),
+        DEVICE_BATCH_SIZE, rows_per_step, seq_len,
+        memory_limit(ours, "free CUDA memory", in_use=peak_memory_mb(device) * 2 ** 20))
+    model.load_state_dict(initial)
+    optimizer.state.clear()
+    del initial
+    print(memory_line)
+    grad_accum_steps = rows_per_step // device_batch
     if attention_kind == "flex":
         for window in set(model.window_sizes):
             flex_block_mask(window, seq_len, device)
     # Compile on CUDA only: on a CPU the compile takes longer than the smoke budget saves.
     train_model = torch.compile(model, dynamic=False) if on_cuda else model
 
-    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train", backend="torch", device=device)
+    train_loader = make_dataloader(tokenizer, device_batch, seq_len, "train", backend="torch", device=device)
     x, y, epoch = next(train_loader)
 
     print(f"Time budget: {time_budget:g}s")
@@ -747,7 +821,7 @@ def main():
     model.eval()
     t_eval = time.time()
     with torch.no_grad(), autocast_ctx:
-        val_bpb = evaluate_bpb(train_model, tokenizer, DEVICE_BATCH_SIZE)
+        val_bpb = evaluate_bpb(train_model, tokenizer, device_batch)
     print(f"Evaluation: {time.time() - t_eval:.1f}s")
 
     t_end = time.time()

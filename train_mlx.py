@@ -22,8 +22,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from prepare import (PROFILE, SEED, Tokenizer, apple_gpu_cores, ensure_prepared, evaluate_bpb, make_dataloader,
-                     peak_flops, peak_source, profile_line, summary_fields)
+from prepare import (PROFILE, SEED, Tokenizer, apple_gpu_cores, ensure_prepared, evaluate_bpb, fit_device_batch,
+                     make_dataloader, memory_limit, peak_flops, peak_source, profile_line, summary_fields)
 
 try:  # custom Metal attention kernels (forward + backward); absent or unused off Metal
     import metal_kernels
@@ -80,43 +80,65 @@ def attention(q, k, v, window, scale):
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
-@mx.custom_function
-def softcapped_cross_entropy_sum(logits, targets, weights, softcap):
-    """sum_i weights_i * CE(softcap * tanh(logits_i / softcap), targets_i), and its gradient in one pass.
+LOSS_CHUNK = 2048  # rows of logits alive at a time, per stream: 2048 x 8192 float32 = 64 MiB
 
-    Autodiff through tanh + logsumexp costs about six transcendental passes over the (tokens, vocab)
-    logits (tanh, exp, then exp and cosh again in the backward); on a CPU, where MLX evaluates those
-    on one thread with scalar code, they dominated the step. Here the forward computes tanh and exp once and
-    also the gradient, which the VJP only scales. The capped logits lie in [-softcap, softcap], so
+
+def loss_streams():
+    """On a CPU, MLX runs each elementwise op on one thread, and the loss over the (tokens, vocab)
+    logits is most of a step: chunks alternate between CPU streams, which run in parallel."""
+    if not _LOSS_STREAMS:
+        if mx.default_device() == mx.cpu:
+            _LOSS_STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(min(os.cpu_count() or 1, 8)))
+        else:
+            _LOSS_STREAMS.append(mx.default_stream(mx.default_device()))
+    return _LOSS_STREAMS
+
+
+_LOSS_STREAMS = []
+
+
+@mx.custom_function
+def lm_head_loss(x, w, targets, weights, softcap):
+    """sum_i weights_i * CE(softcap * tanh(x_i @ w.T / softcap), targets_i), with its gradients for
+    x and w, one chunk of LOSS_CHUNK rows at a time.
+
+    Why: the (tokens, vocab) logits are the largest tensors of a step (1 GiB in float32 for 32K
+    tokens), and autodiff through LM head, tanh and logsumexp keeps about a dozen of that size
+    alive. Here a chunk's logits live only until its share of the gradients is taken, and
+    mx.depends makes each chunk wait for the one before it on its stream, so the loss holds
+    O(streams x chunk x vocab) memory. The forward computes tanh and exp once, and the gradient
+    with them, which the VJP only scales. The capped logits lie in [-softcap, softcap], so
     exp(c - softcap) needs no max pass and cannot overflow.
     """
-    z = logits.astype(mx.float32)
-    t = mx.tanh(z / softcap)
-    e = mx.exp(softcap * (t - 1))
-    denom = mx.sum(e, axis=-1, keepdims=True)
-    target_t = mx.take_along_axis(t, targets[..., None], axis=-1)
-    losses = (mx.log(denom) + softcap * (1 - target_t))[..., 0]
-    onehot = mx.arange(z.shape[-1]) == targets[..., None]
-    grad = ((e / denom - onehot) * (1 - t * t) * weights[..., None]).astype(logits.dtype)
-    return (losses * weights).sum(), grad
+    wc = w.astype(x.dtype)
+    streams = loss_streams()
+    done = [None] * len(streams)  # per stream: the last chunk's results, which its next chunk waits for
+    dw = [mx.zeros(w.shape, dtype=mx.float32) for _ in streams]
+    losses, dxs = [], []
+    for i, lo in enumerate(range(0, x.shape[0], LOSS_CHUNK)):
+        s = i % len(streams)
+        with mx.stream(streams[s]):
+            xi = x[lo:lo + LOSS_CHUNK] if done[s] is None else mx.depends(x[lo:lo + LOSS_CHUNK], done[s])
+            ti, wi = targets[lo:lo + LOSS_CHUNK], weights[lo:lo + LOSS_CHUNK]
+            t = mx.tanh((xi @ wc.T).astype(mx.float32) / softcap)
+            e = mx.exp(softcap * (t - 1))
+            denom = mx.sum(e, axis=-1, keepdims=True)
+            target_t = mx.take_along_axis(t, ti[:, None], axis=-1)
+            losses.append(((mx.log(denom) + softcap * (1 - target_t))[:, 0] * wi).sum())
+            onehot = mx.arange(w.shape[0]) == ti[:, None]
+            g = ((e / denom - onehot) * (1 - t * t) * wi[:, None]).astype(x.dtype)
+            dxs.append(g @ wc)
+            dw[s] = dw[s] + (g.T @ xi).astype(mx.float32)
+            done[s] = [losses[-1], dxs[-1], dw[s]]
+    return sum(losses), mx.concatenate(dxs), sum(dw)
 
 
-@softcapped_cross_entropy_sum.vjp
-def _softcapped_cross_entropy_sum_vjp(primals, cotangents, outputs):
-    logits, targets, weights, softcap = primals
-    grad = outputs[1]
-    return cotangents[0] * grad, mx.zeros_like(targets), mx.zeros_like(weights), None
-
-
-_CPU_LOSS_STREAMS = []
-
-
-def cpu_loss_streams():
-    """On a CPU, MLX runs each elementwise op on one thread, and the loss over the (tokens, vocab)
-    logits is most of a step: its row chunks go to separate CPU streams, which run in parallel."""
-    if not _CPU_LOSS_STREAMS:
-        _CPU_LOSS_STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(min(os.cpu_count() or 1, 8)))
-    return _CPU_LOSS_STREAMS
+@lm_head_loss.vjp
+def _lm_head_loss_vjp(primals, cotangents, outputs):
+    x, w, targets, weights, softcap = primals
+    scale = cotangents[0]
+    return ((scale * outputs[1]).astype(x.dtype), scale * outputs[2], mx.zeros_like(targets),
+            mx.zeros_like(weights), None)
 
 
 class Linear(nn.Module):
@@ -208,7 +230,6 @@ class GPT(nn.Module):
         # underscore: not a parameter
         self._cos, self._sin = self._precompute_rotary_embeddings(config.sequence_len * 10, head_dim)
         self._compiled_forward = None
-        self._loss_streams = cpu_loss_streams() if mx.default_device() == mx.cpu else []
 
     def init_weights(self):
         """Upstream's initialisation."""
@@ -255,22 +276,13 @@ class GPT(nn.Module):
             x = block(x, ve, cos, sin, self.window_sizes[i])
         x = norm(x)
         softcap = 15
-        logits = self.lm_head(x)
         if targets is None:
-            logits = logits.astype(mx.float32)
+            logits = self.lm_head(x).astype(mx.float32)
             return softcap * mx.tanh(logits / softcap)
-        # mean cross-entropy over targets >= 0 (-1 = ignore, as upstream)
-        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        # mean cross-entropy over targets >= 0 (-1 = ignore, as upstream), the LM head fused in
+        x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
         valid = (targets >= 0).astype(mx.float32)
-        targets = mx.where(targets >= 0, targets, 0)
-        if len(self._loss_streams) <= 1:
-            total = softcapped_cross_entropy_sum(logits, targets, valid, softcap)[0]
-        else:
-            bounds = [len(targets) * i // len(self._loss_streams) for i in range(len(self._loss_streams) + 1)]
-            total = 0.0
-            for stream, lo, hi in zip(self._loss_streams, bounds[:-1], bounds[1:]):
-                with mx.stream(stream):
-                    total = total + softcapped_cross_entropy_sum(logits[lo:hi], targets[lo:hi], valid[lo:hi], softcap)[0]
+        total = lm_head_loss(x, self.lm_head.weight, mx.where(targets >= 0, targets, 0), valid, softcap)[0]
         return total / mx.maximum(valid.sum(), 1)
 
     def __call__(self, idx, targets=None):
@@ -537,6 +549,27 @@ def measured_matmul_peak(dtype=mx.float32, n=1024, reps=5):
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
+def memory_allowed():
+    """memory_limit() for this device: Metal's recommended working set on a Mac, else the RAM
+    available (plus what MLX holds already)."""
+    info = {}
+    if on_gpu():
+        info = mx.device_info() if hasattr(mx, "device_info") else mx.metal.device_info()
+    return memory_limit(info.get("max_recommended_working_set_size"), "Metal's recommended working set",
+                        in_use=mx.get_active_memory())
+
+
+def step_peak(model, optimizer, rows, seq_len):
+    """Peak bytes of one compiled training step of `rows` sequences of throwaway tokens (the
+    caller restores the weights and the optimizer state)."""
+    x = mx.zeros((rows, seq_len), dtype=mx.int32)
+    mx.eval(x)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    make_train_step(model, optimizer, 1)([(x, x)], mx.array([0.0, 0.85, 0.0], dtype=mx.float32))
+    return mx.get_peak_memory()
+
+
 def choose_attention(model, dtype):
     """Metal kernels where they cover the model and pass their self-test on this device (a
     compile error or a wrong value in Apple's compiler must not kill or corrupt the run), else
@@ -593,7 +626,7 @@ FINAL_LR_FRAC = 0.0     # final LR as fraction of initial
 
 # Model size
 DEPTH = 4               # number of transformer layers (upstream: 8 on an H100)
-DEVICE_BATCH_SIZE = 16  # sequences per micro-step (reduce if out of memory)
+DEVICE_BATCH_SIZE = 16  # sequences per micro-step (lowered at start-up if a step would not fit memory)
 
 # The cpu profile (the default on a CPU: 120 s, 256-token rows): dim 64 and small steps. A CPU
 # trains ~4K tokens/s here (the vocab-wide loss dominates), so the number of steps counts most.
@@ -707,18 +740,25 @@ def main():
     num_flops_per_token = model.estimate_flops()
     print(f"Parameters: {num_params:,} | estimated FLOPs per token: {num_flops_per_token:e}")
 
-    tokens_per_fwdbwd = DEVICE_BATCH_SIZE * seq_len
-    if TOTAL_BATCH_SIZE % tokens_per_fwdbwd != 0:
+    rows_per_step = TOTAL_BATCH_SIZE // seq_len
+    if TOTAL_BATCH_SIZE % seq_len or rows_per_step % DEVICE_BATCH_SIZE:
         sys.exit(f"TOTAL_BATCH_SIZE={TOTAL_BATCH_SIZE} is not a multiple of DEVICE_BATCH_SIZE * seq_len = "
                  f"{DEVICE_BATCH_SIZE} * {seq_len}: change one of them.")
-    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
 
     optimizer = MuonAdamW(model, unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, matrix_lr=MATRIX_LR,
                           scalar_lr=SCALAR_LR, weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS,
                           muon_dtype=compute_dtype)
+    # Throwaway steps (memory fit, compile warm-up) change weights and optimizer state: restored below
+    saved_params, saved_opt = model.flat_parameters(), dict(optimizer.state)
+    # The micro-batch that fits this machine's memory, measured on smaller steps before any full one
+    device_batch, memory_line = fit_device_batch(lambda rows: step_peak(model, optimizer, rows, seq_len),
+                                                 DEVICE_BATCH_SIZE, rows_per_step, seq_len,
+                                                 memory_allowed())
+    print(memory_line)
+    grad_accum_steps = rows_per_step // device_batch
     train_step = make_train_step(model, optimizer, grad_accum_steps)
 
-    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, seq_len, "train", backend="mlx")
+    train_loader = make_dataloader(tokenizer, device_batch, seq_len, "train", backend="mlx")
 
     def next_batches():
         batches = []
@@ -740,7 +780,6 @@ def main():
 
     # Warm up compilation and kernel JIT on a throwaway step, then restore the initial weights
     # and optimizer state, so the timed budget measures training only.
-    saved_params, saved_opt = model.flat_parameters(), dict(optimizer.state)
     warm_batches, _ = next_batches()
     train_step(warm_batches, mx.array([1.0, 0.85, WEIGHT_DECAY], dtype=mx.float32))
     model.assign(saved_params)
@@ -751,7 +790,7 @@ def main():
         model, train_step, next_batches, time_budget, TOTAL_BATCH_SIZE, num_flops_per_token, peak)
 
     model.compile_forward()
-    val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+    val_bpb = evaluate_bpb(model, tokenizer, device_batch)
     t_end = time.time()
 
     print("---")

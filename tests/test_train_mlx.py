@@ -122,24 +122,49 @@ def test_sliding_window_convention():
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
-def test_fused_loss_matches_autodiff():
-    z = mx.random.normal((3, 7, 50)) * 20
-    targets = mx.array(np.random.default_rng(0).integers(-1, 50, size=(3, 7)).astype(np.int32))
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_lm_head_loss_matches_autodiff(monkeypatch, compiled):
+    """Loss and both gradients equal autodiff of the plain formula (LM head, soft-cap, ignored
+    targets), with rows split over several chunks per stream and a ragged last chunk."""
+    monkeypatch.setattr(train_mlx, "LOSS_CHUNK", 8)
+    rng = np.random.default_rng(0)
+    x = mx.array(rng.normal(size=(37, 16)).astype(np.float32))
+    w = mx.array(rng.normal(size=(50, 16)).astype(np.float32)) * 3  # logits far past the soft-cap
+    targets = rng.integers(0, 50, size=37).astype(np.int32)
+    targets[::5] = -1  # ignored
+    targets = mx.array(targets)
 
-    def reference(z):
-        c = 15 * mx.tanh(z / 15)
+    def reference(x, w):
+        c = 15 * mx.tanh((x @ w.T) / 15)
         valid = targets >= 0
         safe = mx.where(valid, targets, 0)
-        nats = mx.logsumexp(c, axis=-1) - mx.take_along_axis(c, safe[..., None], axis=-1)[..., 0]
+        nats = mx.logsumexp(c, axis=-1) - mx.take_along_axis(c, safe[:, None], axis=-1)[:, 0]
         return (nats * valid).sum() / valid.sum()
 
-    def fused(z):
+    def chunked(x, w):
         valid = (targets >= 0).astype(mx.float32)
-        return train_mlx.softcapped_cross_entropy_sum(z, mx.where(targets >= 0, targets, 0), valid, 15)[0] / valid.sum()
+        return train_mlx.lm_head_loss(x, w, mx.where(targets >= 0, targets, 0), valid, 15)[0] / valid.sum()
 
-    (ref_loss, ref_grad), (loss, grad) = mx.value_and_grad(reference)(z), mx.value_and_grad(fused)(z)
+    grad_of = lambda f: mx.value_and_grad(f, argnums=(0, 1))
+    ref_loss, (ref_dx, ref_dw) = grad_of(reference)(x, w)
+    loss, (dx, dw) = (mx.compile(grad_of(chunked)) if compiled else grad_of(chunked))(x, w)
     assert abs(ref_loss.item() - loss.item()) < 1e-5
-    np.testing.assert_allclose(np.array(grad), np.array(ref_grad), atol=1e-6)
+    np.testing.assert_allclose(np.array(dx), np.array(ref_dx), atol=1e-6)
+    np.testing.assert_allclose(np.array(dw), np.array(ref_dw), atol=1e-6)
+
+
+def test_model_loss_is_the_cross_entropy_of_its_logits(monkeypatch):
+    monkeypatch.setattr(train_mlx, "LOSS_CHUNK", 16)
+    model = tiny_model()
+    model.lm_head.weight = mx.random.normal(model.lm_head.weight.shape)  # logits past the soft-cap
+    V = TINY["vocab_size"]
+    idx = mx.random.randint(0, V, (2, 32))
+    targets = mx.where(mx.arange(32) % 7 == 0, -1, mx.roll(idx, -1, axis=1))
+    logits = model(idx).reshape(-1, V)
+    flat = targets.reshape(-1)
+    valid = flat >= 0
+    nats = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, mx.where(valid, flat, 0)[:, None], axis=-1)[:, 0]
+    assert abs(model(idx, targets).item() - ((nats * valid).sum() / valid.sum()).item()) < 1e-5
 
 # ---------------------------------------------------------------------------
 # Optimizer and step
