@@ -3,9 +3,9 @@
 prepare.py is the contract an agent reads (constants, profiles, the dataset layout, the
 tokenizer, the loader, evaluate_bpb); the work behind it lives here, one job per module:
 downloading and cutting the datasets, training the tokenizer, the tuned-BLAS preload,
-device peak FLOPs, evaluate_bpb's per-backend kernels, the in-process causality probe, and
-the trust boundary the runner starts: the sandbox (sandbox.py) and the trusted scorer
-(scorer.py).
+device peak FLOPs, the memory a training step may use and the micro-batch that fits it,
+evaluate_bpb's per-backend kernels, the in-process causality probe, and the trust boundary
+the runner starts: the sandbox (sandbox.py) and the trusted scorer (scorer.py).
 
 Modules here import neither trainer (train.py, train_mlx.py), nor autoresearch/, nor
 prepare.py: prepare.py imports them and passes in what they need (paths, the tokenizer
