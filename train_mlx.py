@@ -81,6 +81,7 @@ def attention(q, k, v, window, scale):
 
 
 LOSS_CHUNK = 2048  # rows of logits alive at a time, per stream: 2048 x 8192 float32 = 64 MiB
+_LOSS_STREAMS = []
 
 
 def loss_streams():
@@ -92,9 +93,6 @@ def loss_streams():
         else:
             _LOSS_STREAMS.append(mx.default_stream(mx.default_device()))
     return _LOSS_STREAMS
-
-
-_LOSS_STREAMS = []
 
 
 @mx.custom_function
