@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write progress.png and print the table of results")
     rep.add_argument("--tag", default=None, help="run to report (default: the current or most recent run)")
     rep.add_argument("--output", default="progress.png", help="image path (default: progress.png)")
+    rep.add_argument("--html", nargs="?", const="report.html", default=None, metavar="PATH",
+                     help="write the morning report instead of the image: one self-contained HTML page "
+                          "(default PATH: report.html beside the ledger)")
+    rep.add_argument("--watch", action="store_true",
+                     help="with --html: rewrite the page after every experiment; the open page reloads itself")
 
     doc = sub.add_parser("doctor", help="check this machine: device, MLX/torch, data, git, agents, sandbox, disk",
                          description="One row per need, ok / warning / missing with the command that fixes it. "
@@ -257,14 +262,27 @@ def cmd_status(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import draw_progress, summary_table
+    from .report import draw_progress, metric_of, summary_table
+    if args.watch and not args.html:
+        raise SetupError("--watch rewrites the HTML report: add --html (e.g. autoresearch report --html --watch).")
     repo = gitops.open_repo(args.repo)
     root = gitops.root(repo)
     ledger = Ledger(root, resolve_tag(repo, root, args.tag))
     results = ledger.results()
     if not results:
         raise SetupError(f"run {ledger.tag!r} has no results yet.")
-    print(summary_table(results))
+    sessions = ledger.records("session")
+    name, _ = metric_of((sessions[-1].get("harness") if sessions else None) or {}, results)
+    print(summary_table(results, name))
+    if args.html:
+        from .html_report import watch, write_report
+        page = Path(args.html)
+        page = page if page.is_absolute() else root / page
+        if args.watch:
+            watch(ledger, root, page)
+        else:
+            print(f"\nWrote {write_report(ledger, root, page)}: open it in a browser (file://{page})")
+        return 0
     out = Path(args.output)
     out = out if out.is_absolute() else root / out
     draw_progress(results, out, title=f"autoresearch/{ledger.tag}")

@@ -11,7 +11,8 @@ Ledger events (all carry `time` and `tag`):
   start    an experiment is about to run: exp, commit, parent (the best commit), description
   spawn    the trainer process started: exp, pgid
   result   an experiment finished: exp, commit, val_bpb, memory_gb, status, description,
-           cost_usd (the agent's spend), judge_cost_usd (the rubric judge's, general mode), ...
+           cost_usd (the agent's spend), judge_cost_usd (the rubric judge's, general mode),
+           curve (the run's [step, loss, tok/s, elapsed s] rows), reason (why it crashed), ...
   agent_cost  spend of an agent call that produced no run (outage, no edit)
 """
 from __future__ import annotations

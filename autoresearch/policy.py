@@ -130,8 +130,10 @@ class Decisions:
             return "invalid", {"invalid_reason": f"scorer: {outcome.scored['invalid']}"}
         tail = outcome.log_tail or ""
         if "[autoresearch] guard" in tail and "FAILED" in tail:
-            return "crash", {"note": "guard failed"}
-        return "crash", {}
+            return "crash", {"note": "guard failed", "reason": "guard failed"}
+        last = next((line.strip() for line in reversed(tail.splitlines())
+                     if line.strip() and not line.startswith("[autoresearch]")), "")
+        return "crash", {"reason": outcome.problem + (f": {last[:200]}" if last else "")}
 
     def _screen(self, outcome, rule_name: str) -> tuple[str | None, dict]:
         """(crash/invalid, fields) for a run that cannot be scored; else (None, the fields

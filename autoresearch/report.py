@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import gitops
 from .ledger import Ledger
+from .metric import metric_name
 from .policy import direction_key, report_lines
 from .trainer import group_alive
 
@@ -15,9 +16,17 @@ def _fmt_val(r: dict) -> str:
     return f"{r['val_bpb']:.6f}" if isinstance(r.get("val_bpb"), (int, float)) else "-"
 
 
-def summary_table(results: list[dict]) -> str:
+def metric_of(harness: dict, results: list[dict]) -> tuple[str, bool]:
+    """(the metric's name, whether higher is better) of a run, from its session's harness."""
+    maximize = any(r.get("direction") == "max" for r in results) or harness.get("direction") == "max"
+    if harness.get("mode") != "metric":
+        return "val_bpb", maximize
+    return ("rubric score" if harness.get("rubric") else metric_name(harness.get("metric_regex"))), maximize
+
+
+def summary_table(results: list[dict], name: str = "val_bpb") -> str:
     rows = sorted(results, key=lambda r: r["exp"])
-    lines = [f"{'#':>3}  {'commit':<7}  {'val_bpb':>9}  {'mem_gb':>6}  {'status':<7}  {'cost$':>6}  description"]
+    lines = [f"{'#':>3}  {'commit':<7}  {name:>9}  {'mem_gb':>6}  {'status':<7}  {'cost$':>6}  description"]
     for r in rows:
         mem = f"{r['memory_gb']:.1f}" if isinstance(r.get("memory_gb"), (int, float)) else "-"
         lines.append(f"{r['exp']:>3}  {r.get('commit_short') or '-':<7}  {_fmt_val(r):>9}  {mem:>6}  "

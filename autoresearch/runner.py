@@ -509,7 +509,8 @@ class Runner:
         self._write_result(exp, commit, status, description, val_bpb=val, memory_gb=mem,
                            run_seconds=round(outcome.seconds, 2), returncode=outcome.returncode,
                            timed_out=outcome.timed_out, summary=s, sandbox=outcome.sandbox,
-                           **({"attention": outcome.attention} if outcome.attention else {}), **extra)
+                           **({"attention": outcome.attention} if outcome.attention else {}),
+                           **({"curve": outcome.curve} if outcome.curve else {}), **extra)
         best = self._best_val()
         shown = f"{val:.6f}" if val is not None else "-"
         self.out(f"[{exp}] {self.objective.name} {shown}  {status}  (best {best:.6f})"

@@ -88,6 +88,28 @@ def parse_summary(log: str) -> dict | None:
     return summary
 
 
+_STEP_LINE = re.compile(r"step (\d+)\b.*?\bloss: ([0-9.eE+-]+).*?\bdt: ([0-9.]+)ms.*?\btok/sec: ([0-9,]+)")
+CURVE_POINTS = 200
+
+
+def step_curve(log: str, points: int = CURVE_POINTS) -> list[list[float]]:
+    """[step, loss, tokens/s, elapsed s] from the trainers' progress lines (elapsed sums the
+    steps' dt), thinned evenly to at most `points` rows, the last one always kept: the loss
+    curve the morning report draws. [] when the log has no such lines."""
+    rows, elapsed = [], 0.0
+    for m in _STEP_LINE.finditer(log):
+        step, loss, dt_ms, tok = m.groups()
+        elapsed += float(dt_ms) / 1000
+        try:
+            rows.append([int(step), float(loss), int(tok.replace(",", "")), round(elapsed, 3)])
+        except ValueError:
+            continue
+    if len(rows) > points:
+        stride = len(rows) / points
+        rows = [rows[int(i * stride)] for i in range(points - 1)] + [rows[-1]]
+    return rows
+
+
 _ATTENTION_LINES = (   # (pattern, group of the path, group of the fallback reason)
     (re.compile(r"^attention: metal_kernels failed self-test \((.*)\); using (\S+)"), 2, 1),   # train_mlx.py
     (re.compile(r"^Attention: (\S+)(?: \((.*)\))?$"), 1, 2),                                  # train_mlx.py
@@ -124,6 +146,7 @@ class RunOutcome:
     tampered: list = field(default_factory=list)   # what the run changed outside its scratch (undone)
     note: str = ""                  # why a run that exited cleanly has no result (general mode's metric)
     attention: dict | None = None   # the attention path the trainer says it took, and why it fell back
+    curve: list = field(default_factory=list)      # step_curve of its log: [step, loss, tok/s, elapsed]
 
     @property
     def ok(self) -> bool:
@@ -267,7 +290,8 @@ def launch(command: list[str], repo_root: Path, log_path: Path, timeout_s: float
         if kernels is not None and not kernels.exists() and built.is_dir():
             shutil.copytree(built, kernels, symlinks=True)
         return RunOutcome(None if timed_out else proc.returncode, timed_out, seconds, summary, log_tail(text),
-                          sandbox=sb.kind, scored=scored, tampered=tampered, attention=attention_path(text))
+                          sandbox=sb.kind, scored=scored, tampered=tampered, attention=attention_path(text),
+                          curve=step_curve(text))
     finally:
         if scorer:
             scorer[0].kill()

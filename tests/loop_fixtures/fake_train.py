@@ -28,7 +28,11 @@ if __name__ == "__main__":
     time.sleep(float(os.environ.get("FAKE_TRAIN_SECONDS", "0")))
     if DEPTH > 6:
         raise RuntimeError("out of memory (fake): DEPTH > 6")
-    print("step 00001 | loss 5.0")
+    for step in range(20):   # the real trainers' progress line, a loss falling towards val_bpb
+        loss = fake_val_bpb() + 3.0 * math.exp(-step / 5)
+        print(f"\rstep {step:05d} ({5 * step:.1f}%) | loss: {loss:.6f} | lrm: 1.00 | dt: 50ms | "
+              f"tok/sec: 1,234 | mfu: 1.0% | epoch: 1 | remaining: 1s    ", end="", flush=True)
+    print()
     fields = prepare.summary_fields()
     print("---")
     print(f"val_bpb:          {fake_val_bpb():.6f}")
