@@ -4,6 +4,7 @@
     uv run bench/research.py --arm greedy                # the same start, upstream's greedy rule
     uv run bench/research.py --arm aa                    # no handicap, comment-only edits: counts keeps
     uv run bench/research.py --arm noise --agent hparam-tpe --handicap lr,warmdown
+    uv run bench/research.py --arm aa --resume           # finish an arm that was interrupted
 
 An arm starts from train_mlx.py with a planted handicap (`lr`: every learning rate x 0.25;
 `warmdown`: WARMDOWN_RATIO = 0; `depth`: DEPTH = 8, too deep for the budget), committed in a
@@ -162,20 +163,25 @@ def run_arm(args, workdir: Path, scores: FreshScores) -> dict:
     print(f"== arm {args.arm}: handicap {'+'.join(handicaps)}, agent "
           f"{'comment-only' if args.arm == 'aa' else args.agent}, {args.experiments} experiments, "
           f"{args.seeds} fresh seeds", flush=True)
+    tag = f"{args.arm}-{args.agent}-{'+'.join(handicaps)}"
+    root = workdir / tag
+    if args.resume and not (root / "ledger.jsonl").exists():
+        sys.exit(f"--resume: {root} holds no interrupted arm {tag}; run the arm without --resume.")
     start_fresh = scores.of(start, "start")
     ref_fresh = start_fresh if args.arm == "aa" else scores.of(reference, "reference")
 
-    tag = f"{args.arm}-{args.agent}-{'+'.join(handicaps)}"
-    root = checkout(workdir / tag, start)
     rule = "greedy" if args.arm == "greedy" else "noise"
-    if rule == "noise":   # the start's fresh runs are the loop's noise floor
-        seed_noise_floor(root, start_fresh)
+    if not args.resume:
+        checkout(root, start)
+        if rule == "noise":   # the start's fresh runs are the loop's noise floor
+            seed_noise_floor(root, start_fresh)
     agent = CommentAgent() if args.arm == "aa" else make_agent(args.agent)
     runner = Runner(root, RunConfig(tag=tag, backend="mlx", max_experiments=args.experiments),
                     agent, Trainer.for_backend("mlx"),
                     decisions=Decisions(rule, confidence=args.confidence, reruns=args.reruns))
-    run(runner, resume=False)
-    loop_minutes = (time.time() - t0) / 60
+    before = active_minutes(runner.ledger) if args.resume else 0.0   # the part before the interruption
+    run(runner, resume=args.resume)
+    loop_minutes = before + (time.time() - t0) / 60
 
     results = runner.ledger.results()
     kept = [r for r in results if r["status"] == "keep"]
@@ -200,12 +206,20 @@ def run_arm(args, workdir: Path, scores: FreshScores) -> dict:
         "start_sd": statistics.stdev(start_fresh) if len(start_fresh) > 1 else None,
         "gap_recovered": recovered, "kept": kept_rows,
         "reruns": sum(len(r.get("runs") or [1]) - 1 for r in results[1:]),
-        "loop_minutes": round(loop_minutes, 1), "minutes": round((time.time() - t0) / 60, 1),
+        "loop_minutes": round(loop_minutes, 1), "minutes": round(before + (time.time() - t0) / 60, 1),
         "date": time.strftime("%Y-%m-%d"), "machine": machine(),
     }
     with open(workdir / "research.jsonl", "a") as f:
         f.write(json.dumps(summary) + "\n")
     return summary
+
+
+def active_minutes(ledger) -> float:
+    """Minutes the arm's loop ran so far: from each session record to the last record before
+    the next one (the time between an interruption and its resume does not count)."""
+    records = ledger.records()
+    starts = [i for i, r in enumerate(records) if r["event"] == "session"] + [len(records)]
+    return sum(records[j - 1]["time"] - records[i]["time"] for i, j in zip(starts, starts[1:])) / 60
 
 
 def seed_noise_floor(root: Path, values: list[float]) -> None:
@@ -257,6 +271,8 @@ def main(argv=None) -> int:
     p.add_argument("--reruns", type=int, default=2)
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--profile", default="cpu", help="cpu (the benchmark); smoke only checks that the script runs")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the arm's interrupted loop in --workdir (its minutes add up) instead of starting over")
     p.add_argument("--workdir", type=Path, default=Path(os.environ.get("AUTORESEARCH_CACHE")
                                                          or Path.home() / ".cache" / "autoresearch") / "research-bench")
     args = p.parse_args(argv)

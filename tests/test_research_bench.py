@@ -42,3 +42,22 @@ def test_the_aa_agent_changes_comments_only(tmp_path):
         edited = (tmp_path / "train_mlx.py").read_text()
         assert edited not in seen and ast.dump(ast.parse(edited)) == ast.dump(ast.parse(text))
         seen.add(edited)
+
+
+def test_a_resumed_arm_counts_only_the_minutes_its_loop_ran(tmp_path):
+    from autoresearch.ledger import Ledger
+    ledger = Ledger(tmp_path, "aa")
+    times = [("session", 0), ("result", 600), ("start", 900),          # killed here, 15 min in
+             ("session", 5000), ("result", 5300)]                        # resumed an hour later
+    for event, t in times:
+        ledger.append(event)
+    lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    import json
+    records = [json.loads(line) for line in lines]
+    for r, (_, t) in zip(records, times):
+        r["time"] = 1_000_000 + t
+    (tmp_path / "ledger.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert research.active_minutes(Ledger(tmp_path, "aa")) == pytest.approx((900 + 300) / 60)
+    with pytest.raises(SystemExit, match="--resume"):
+        research.main(["--arm", "greedy", "--resume", "--seeds", "1", "--workdir", str(tmp_path / "none"),
+                       "--profile", "smoke"])
