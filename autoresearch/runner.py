@@ -35,7 +35,8 @@ from .agents import (Agent, AgentFailed, AgentUnavailable, BudgetExhausted, Cont
 from .faults import crash_point
 from .ledger import Ledger
 from .policy import Decisions
-from .trainer import SetupError, Trainer, confine, group_alive, harness_info, kill_group, timeout_for
+from .trainer import (SetupError, Trainer, confine, group_alive, harness_info, kernel_key, kill_group,
+                      timeout_for)
 
 
 class RunStopped(RuntimeError):
@@ -119,6 +120,7 @@ class Runner:
         gitops.create_branch(self.repo, self.branch)
         self.base_commit = gitops.head_sha(self.repo)
         self._record_protected()
+        self._seed_kernels()
         self._session(resumed=False)
         self.ledger.rebuild_tsv()
         if self.general_mode:
@@ -169,6 +171,7 @@ class Runner:
         moved = [p for p, h in self.protected.items() if recorded.get(p) not in (None, h)]
         if moved:
             self.out(f"Note: protected files changed since the last session: {', '.join(moved)} (re-recorded).")
+        self._seed_kernels()
         self._session(resumed=True)
         self.out(f"Resumed {self.branch}: {len(self.ledger.results())} results, best "
                  f"{self._best_val():.6f} at {gitops.short(self.best_commit())}." if self.ledger.best()
@@ -296,6 +299,14 @@ class Runner:
                            protected=self.protected, protected_untracked=sorted(self.protected_untracked),
                            harness=self.harness, pid=os.getpid(),
                            max_experiments=self.config.max_experiments, max_spend=self.config.max_spend)
+
+    def _seed_kernels(self) -> None:
+        """A new training file's first run starts from the compiled kernels of the run's start
+        file, which the user wrote (launch keeps the agent's files apart)."""
+        start = subprocess.run(["git", "cat-file", "blob", f"{self.base_commit}:{self.training_file}"],
+                               cwd=self.repo_root, capture_output=True)
+        if start.returncode == 0:
+            self.trainer.kernel_seed = kernel_key(start.stdout)
 
     # -- state -----------------------------------------------------------------------------
     def best_commit(self) -> str:

@@ -181,6 +181,7 @@ class Trainer:
     parse: Callable[[str], dict | None] = parse_summary
     env: dict = field(default_factory=dict)
     confinement: "Confinement" = field(default_factory=lambda: Confinement())
+    kernel_seed: str | None = None    # kernel_key of the user's start file (see launch)
 
     @classmethod
     def for_backend(cls, backend: str) -> "Trainer":
@@ -195,9 +196,15 @@ class Trainer:
             on_spawn: Callable[[int], None] | None = None) -> RunOutcome:
         """Launch one run and return its scored outcome: see `launch`."""
         training = Path(repo_root) / self.training_file
-        key = hashlib.sha256(training.read_bytes()).hexdigest()[:32] if training.is_file() else None
+        key = kernel_key(training.read_bytes()) if training.is_file() else None
         return launch(self.command, repo_root, log_path, timeout_s, env={**os.environ, **self.env},
-                      confinement=self.confinement, parse=self.parse, on_spawn=on_spawn, kernel_cache_key=key)
+                      confinement=self.confinement, parse=self.parse, on_spawn=on_spawn, kernel_cache_key=key,
+                      kernel_seed_key=self.kernel_seed)
+
+
+def kernel_key(training_file: bytes) -> str:
+    """Which kernel cache a training file's runs use: a hash of its bytes."""
+    return hashlib.sha256(training_file).hexdigest()[:32]
 
 
 @dataclass
@@ -215,7 +222,8 @@ class Confinement:
 
 def launch(command: list[str], repo_root: Path, log_path: Path, timeout_s: float, env: dict,
            confinement: Confinement, parse: Callable[[str], dict | None] = parse_summary,
-           on_spawn: Callable[[int], None] | None = None, kernel_cache_key: str | None = None) -> RunOutcome:
+           on_spawn: Callable[[int], None] | None = None, kernel_cache_key: str | None = None,
+           kernel_seed_key: str | None = None) -> RunOutcome:
     """The one launch-and-score path: sandbox the command, start the trusted scorer beside it
     (val_bpb runs), train in its own process group with all output to log_path, kill the
     whole group at the timeout, then check that the run changed nothing outside its scratch
@@ -223,8 +231,10 @@ def launch(command: list[str], repo_root: Path, log_path: Path, timeout_s: float
 
     `kernel_cache_key` (a hash of the training file): MLX's compiled CPU kernels of an earlier
     run of the same bytes are copied into this run's scratch, and this run's are kept for
-    the next run of the same bytes (noise runs, re-runs). Never across different files: a
-    run could plant a kernel that changes what a later, innocent file computes."""
+    the next run of the same bytes (noise runs, re-runs). Never across files the agent wrote:
+    a run could plant a kernel that changes what a later, innocent file computes. A file's
+    first run starts instead from the kernels of `kernel_seed_key`, the user's own start file
+    (compiling them costs a CPU run about 40 s); only that file's runs ever write its cache."""
     from harness import sandbox as sandboxes
     repo_root = Path(repo_root).resolve()
     private = Path(tempfile.mkdtemp(prefix="autoresearch-run-"))
@@ -236,9 +246,11 @@ def launch(command: list[str], repo_root: Path, log_path: Path, timeout_s: float
                             allow_network=confinement.allow_network, require=confinement.require_sandbox,
                             kind=confinement.sandbox)
         run_env = sb.env({**env, **confinement.harness_env})
-        kernels = _kernel_cache(repo_root, kernel_cache_key)
-        if kernels is not None and kernels.is_dir():
-            shutil.copytree(kernels, private / "scratch" / "tmp" / "mlx", dirs_exist_ok=True, symlinks=True)
+        kernels = _kernel_cache(repo_root, kernel_cache_key, keep=kernel_seed_key)
+        seed = _kernel_cache(repo_root, kernel_seed_key, keep=kernel_cache_key)
+        start_from = kernels if kernels is not None and kernels.is_dir() else seed
+        if start_from is not None and start_from.is_dir():
+            shutil.copytree(start_from, private / "scratch" / "tmp" / "mlx", dirs_exist_ok=True, symlinks=True)
         pass_fds = ()
         if confinement.scorer:
             scorer, trainer_end = _start_scorer(repo_root, private, {**env, **confinement.harness_env})
@@ -302,9 +314,10 @@ def launch(command: list[str], repo_root: Path, log_path: Path, timeout_s: float
 KERNEL_CACHES_KEPT = 8
 
 
-def _kernel_cache(repo_root: Path, key: str | None) -> Path | None:
+def _kernel_cache(repo_root: Path, key: str | None, keep: str | None = None) -> Path | None:
     """Where the MLX kernels of one training file's runs are kept (inside .git, which no
-    sandboxed run can see); the oldest caches beyond KERNEL_CACHES_KEPT are removed."""
+    sandboxed run can see); the oldest caches beyond KERNEL_CACHES_KEPT are removed, except
+    this one and `keep`."""
     if key is None:
         return None
     try:
@@ -314,7 +327,7 @@ def _kernel_cache(repo_root: Path, key: str | None) -> Path | None:
     base.mkdir(exist_ok=True)
     caches = sorted(base.iterdir(), key=lambda p: p.stat().st_mtime)
     for old in caches[:-KERNEL_CACHES_KEPT]:
-        if old.name != key:
+        if old.name not in (key, keep):
             shutil.rmtree(old, ignore_errors=True)
     return base / key
 

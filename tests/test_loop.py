@@ -18,7 +18,7 @@ from autoresearch.agents.hparam import HparamAgent
 from autoresearch.ledger import Ledger
 from autoresearch.runner import RunConfig, Runner, RunStopped, decide_greedy, run
 from autoresearch.trainer import Confinement, SetupError, Trainer, detect_backend, parse_summary, timeout_for
-from loop_fixtures.helpers import cli_env, fake_val_of, ledger_records, make_repo, run_cli, tsv_rows
+from loop_fixtures.helpers import HERE as HERE_FIXTURES, cli_env, fake_val_of, ledger_records, make_repo, run_cli, tsv_rows
 
 
 @pytest.fixture(autouse=True)
@@ -94,6 +94,9 @@ def test_scripted_loop_keeps_and_discards_correctly(tmp_path):
     assert results[1]["profile"] == "smoke" and results[1]["dataset"] == "fake"
     assert results[1]["eval_tokens"] == 64 * 256 and results[1]["backend"] == "mlx"
     assert Ledger(tmp_path / "p", "t").spent_usd() == pytest.approx(0.04)
+    # New files' first runs start from the compiled kernels of the user's start file.
+    from autoresearch.trainer import kernel_key
+    assert runner.trainer.kernel_seed == kernel_key((HERE_FIXTURES / "fake_train.py").read_bytes())
 
 
 def test_set_up_refuses_dirty_tree_existing_branch_and_missing_data(tmp_path, monkeypatch):

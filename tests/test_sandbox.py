@@ -308,3 +308,41 @@ def test_torch_trainer_speaks_the_same_protocol_in_the_sandbox(tmp_path, builtin
     base = ledger_records(d, "result")[0]
     assert base["status"] == "keep" and base["sandbox"] == "bwrap", (d / "run.log").read_text()[-2000:]
     assert base["probes"] >= 8 and base["hidden_bpb"] > 0 and 1 < base["val_bpb"] < 30
+
+
+KERNEL_PROBE = '''
+import os, pathlib
+cache = pathlib.Path(os.environ["TMPDIR"]) / "mlx"       # where MLX keeps its compiled CPU kernels
+print("seen:" + ",".join(sorted(f"{p.name}={p.read_text()}" for p in cache.glob("*"))))
+cache.mkdir(parents=True, exist_ok=True)
+for name, text in WRITES.items():
+    (cache / name).write_text(text)
+'''
+
+
+@needs_bwrap
+def test_kernel_caches_start_from_the_users_file_and_never_cross_the_agents_files(tmp_path):
+    """A new file's first run starts from the kernels of the run's start file; a file that
+    plants a kernel changes only its own cache, never another file's or the start file's."""
+    from autoresearch.trainer import kernel_key
+    d = tmp_path / "p"
+    make_repo(d)
+
+    def run_file(writes: dict, seed: str | None, tag: str) -> str:
+        text = f"# {tag}\nWRITES = {writes!r}\n" + KERNEL_PROBE
+        (d / "train_mlx.py").write_text(text)
+        trainer = Trainer("mlx", "train_mlx.py", [sys.executable, "train_mlx.py"], parse=lambda log: None,
+                          kernel_seed=seed)
+        outcome = trainer.run(d, d / "run.log", 60)
+        assert outcome.returncode == 0 and not outcome.tampered, (d / "run.log").read_text()
+        return [l for l in (d / "run.log").read_text().splitlines() if l.startswith("seen:")][0]
+
+    start_writes = {"shared.so": "from the start file"}
+    start_text = f"# start\nWRITES = {start_writes!r}\n" + KERNEL_PROBE
+    seed = kernel_key(start_text.encode())
+    assert run_file(start_writes, seed, "start") == "seen:"
+    planter = {"shared.so": "planted", "mine.so": "A"}
+    assert run_file(planter, seed, "A") == "seen:shared.so=from the start file"
+    assert run_file({}, seed, "B") == "seen:shared.so=from the start file"       # not A's plant
+    assert run_file(planter, seed, "A") == "seen:mine.so=A,shared.so=planted"   # A's own cache
+    assert run_file({}, None, "C") == "seen:"                                     # no seed, no kernels
