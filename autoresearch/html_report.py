@@ -15,9 +15,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from .ledger import Ledger
+from .ledger import Ledger, write_atomic
 from .policy import direction_key, is_finite, report_lines
 from .report import floor_lines, metric_of
+from .trainer import thin_evenly
 
 W, H = 960, 340                      # chart size in px
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 14, 38
@@ -155,11 +156,7 @@ def progress_chart(results: list[dict], sigma: float | None, floor: float | None
 
 def thin(curve: list, points: int = CURVE_POINTS) -> list[list[float]]:
     """[elapsed s, loss] pairs, at most `points`, the last kept."""
-    pairs = [[round(c[3], 2), round(c[1], 4)] for c in curve if len(c) >= 4 and is_finite(c[1])]
-    if len(pairs) > points:
-        stride = len(pairs) / points
-        pairs = [pairs[int(i * stride)] for i in range(points - 1)] + [pairs[-1]]
-    return pairs
+    return thin_evenly([[round(c[3], 2), round(c[1], 4)] for c in curve if len(c) >= 4 and is_finite(c[1])], points)
 
 
 def curves_chart(results: list[dict], baseline: dict | None, best: dict | None) -> tuple[str, dict]:
@@ -360,11 +357,8 @@ def report_page(ledger: Ledger, repo_root: Path, refresh_s: int | None = None) -
 
 def write_report(ledger: Ledger, repo_root: Path, path: Path, refresh_s: int | None = None) -> Path:
     """Write the page atomically, so a browser reloading mid-write never sees half of it."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(report_page(ledger, repo_root, refresh_s))
-    tmp.replace(path)
-    return path
+    write_atomic(Path(path), report_page(ledger, repo_root, refresh_s))
+    return Path(path)
 
 
 def watch(ledger: Ledger, repo_root: Path, path: Path, out=print, poll_s: float = 2.0,

@@ -104,10 +104,15 @@ def step_curve(log: str, points: int = CURVE_POINTS) -> list[list[float]]:
             rows.append([int(step), float(loss), int(tok.replace(",", "")), round(elapsed, 3)])
         except ValueError:
             continue
-    if len(rows) > points:
-        stride = len(rows) / points
-        rows = [rows[int(i * stride)] for i in range(points - 1)] + [rows[-1]]
-    return rows
+    return thin_evenly(rows, points)
+
+
+def thin_evenly(rows: list, points: int) -> list:
+    """At most `points` of rows, evenly spaced, the last one always kept."""
+    if len(rows) <= points:
+        return rows
+    stride = len(rows) / points
+    return [rows[int(i * stride)] for i in range(points - 1)] + [rows[-1]]
 
 
 _ATTENTION_LINES = (   # (pattern, group of the path, group of the fallback reason)
