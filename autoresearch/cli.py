@@ -123,6 +123,11 @@ def add_decision_args(r) -> None:
 
 
 def add_sandbox_args(r) -> None:
+    g = r.add_argument_group("parallel runs on Ray (uv sync --extra ray)")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="train N candidates at once on a local Ray instance (waves; see README 'Parallel runs')")
+    g.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="join an existing Ray cluster (e.g. 10.0.0.5:6379) instead of starting a local one")
     g = r.add_argument_group("sandbox (every run: bubblewrap on Linux, sandbox-exec on macOS)")
     g.add_argument("--require-sandbox", action="store_true",
                    help="refuse to start when no sandbox can run here (default: run unsandboxed and say so)")
@@ -185,6 +190,10 @@ def check_run_args(args) -> None:
         raise SetupError(f"--confidence {args.confidence}: must be in [0.5, 1), e.g. 0.95.")
     if args.tag is not None:
         check_tag(args.tag)
+    if args.workers is not None and args.workers < 1:
+        raise SetupError(f"--workers {args.workers}: must be at least 1.")
+    if (args.workers or args.ray_address) and args.rubric:
+        raise SetupError("--rubric does not run on workers (the judge needs the runner's API key): drop --workers.")
     base_seed()
     timeout_for(1.0)
 
@@ -229,8 +238,18 @@ def cmd_run(args) -> int:
                        allow_network=args.allow_network)
     if os.environ.get("AUTORESEARCH_OUTAGE_WAIT"):
         config.outage_wait_s = float(os.environ["AUTORESEARCH_OUTAGE_WAIT"])
-    runner = Runner(root, config, agent, trainer or Trainer.for_backend(backend), decisions=decisions)
-    return run(runner, resume=args.resume)
+    trainer = trainer or Trainer.for_backend(backend)
+    pool = None
+    if args.workers or args.ray_address:
+        from .workers import Pool, RemoteTrainer     # Ray is imported only here
+        pool = Pool(args.workers, args.ray_address, backend)
+        trainer = RemoteTrainer.wrap(trainer, pool)
+    runner = Runner(root, config, agent, trainer, decisions=decisions, pool=pool)
+    try:
+        return run(runner, resume=args.resume)
+    finally:
+        if pool:
+            pool.shutdown()
 
 
 def cmd_noise(args) -> int:

@@ -29,6 +29,7 @@ PROTECTED_PATHS = ("prepare.py", "harness", "pyproject.toml", "uv.lock", "progra
 
 # Untracked outputs of a run; added to .git/info/exclude so they never dirty the tree.
 RUN_OUTPUTS = ("results.tsv", "results.*.tsv", "ledger.jsonl", "ledger.*.jsonl", "optuna.db", "run.log", "run.seed*.log",
+               "run.exp*.log",
                "progress.png")
 
 
@@ -110,6 +111,14 @@ def commit_file(repo: git.Repo, path: str, message: str, exp: int | None = None)
     full = message if exp is None else f"{message}\n\n{RUNNER_TRAILER}: {exp}"
     repo.git.execute(["git", *args, "commit", "-q", "--no-verify", "-m", full, "--", path])
     return head_sha(repo)
+
+
+def keep_ref(repo: git.Repo, tag: str, exp: int, sha: str) -> str:
+    """Keep a candidate commit reachable (a wave's candidates are not on the branch, and git's
+    garbage collection would drop them): refs/autoresearch/<tag>/exp-<n>."""
+    ref = f"refs/autoresearch/{tag}/exp-{exp}"
+    repo.git.update_ref(ref, sha)
+    return ref
 
 
 def commit_message(repo: git.Repo, sha: str) -> str:

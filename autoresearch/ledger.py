@@ -139,10 +139,16 @@ class Ledger:
     def results(self) -> list[dict]:
         return self.records("result")
 
-    def open_experiment(self) -> dict | None:
-        """The last `start` record that has no `result` yet (an experiment cut short)."""
+    def open_experiments(self) -> list[dict]:
+        """The last `start` record of each experiment that has no `result` yet (cut short; a
+        wave of parallel workers leaves several), in experiment order."""
         done = {r["exp"] for r in self.results()}
-        starts = [r for r in self.records("start") if r["exp"] not in done]
+        starts = {r["exp"]: r for r in self.records("start") if r["exp"] not in done}
+        return [starts[e] for e in sorted(starts)]
+
+    def open_experiment(self) -> dict | None:
+        """The last experiment in flight, or None."""
+        starts = self.open_experiments()
         return starts[-1] if starts else None
 
     def spawned_pgid(self, exp: int) -> int | None:

@@ -135,7 +135,7 @@ class Decisions:
                      if line.strip() and not line.startswith("[autoresearch]")), "")
         return "crash", {"reason": outcome.problem + (f": {last[:200]}" if last else "")}
 
-    def _screen(self, outcome, rule_name: str) -> tuple[str | None, dict]:
+    def screen(self, outcome, rule_name: str) -> tuple[str | None, dict]:
         """(crash/invalid, fields) for a run that cannot be scored; else (None, the fields
         every scored result records)."""
         if not outcome.ok:
@@ -153,7 +153,7 @@ class Decisions:
     def baseline(self, exp: int, outcome) -> tuple[str, dict]:
         """The baseline's status and fields; with the noise rule and no comparable noise floor,
         the baseline is run noise_runs times in all and the floor is recorded."""
-        status, extra = self._screen(outcome, self.rule)
+        status, extra = self.screen(outcome, self.rule)
         if status:
             return status, extra
         r = self.runner
@@ -168,6 +168,8 @@ class Decisions:
                   f"({extra['val_bpb']:.6f})")
         elif self.rule == "noise" and not isinstance(self.decider, NoiseAware) and self.noise_runs > 1:
             seed = base_seed()
+            if hasattr(r.trainer, "prefetch"):     # workers: the noise runs go out at once
+                r.trainer.prefetch(r.repo_root, [seed + i for i in range(1, self.noise_runs)], r._timeout())
             r.out(f"[{exp}] measuring the noise floor: {self.noise_runs - 1} more baseline runs "
                   f"(seeds {seed + 1}..{seed + self.noise_runs - 1})")
             values, seeds, problems = measure(
@@ -189,10 +191,12 @@ class Decisions:
                 r.out(f"[{exp}] not enough usable runs for a noise floor: deciding greedily.")
         return "keep", extra
 
-    def judge(self, exp: int, outcome, custom=None) -> tuple[str, dict]:
+    def judge(self, exp: int, outcome, custom=None, seed_offset: int = 0) -> tuple[str, dict]:
         """keep / discard / invalid / crash for an experiment, with re-runs if the rule asks.
-        `custom(val, best_val) -> status` replaces the rule (Runner.decide set by hand)."""
-        status, extra = self._screen(outcome, self.decider.name)
+        `custom(val, best_val) -> status` replaces the rule (Runner.decide set by hand).
+        `seed_offset`: the run being judged used seed + seed_offset (a wave's confirming run),
+        so its re-runs take the seeds after it."""
+        status, extra = self.screen(outcome, self.decider.name)
         if status:
             return status, extra
         r = self.runner
@@ -207,7 +211,7 @@ class Decisions:
         if isinstance(self.decider, NoiseAware):
             self._pool_sigma(exp)
             extra.update(sigma=round(self.decider.sigma, 6), sigma_df=self.decider.df)
-        seed = base_seed()
+        seed = base_seed() + seed_offset
 
         def on_spawn(pid: int) -> None:
             r.ledger.append("spawn", exp=exp, pgid=pid)   # --resume kills an orphaned re-run too

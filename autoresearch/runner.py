@@ -78,6 +78,7 @@ class Runner:
     out: Callable[[str], None] = print
     sleep: Callable[[float], None] = time.sleep
     harness: dict = field(default_factory=dict)
+    pool: object = None        # workers.Pool: N experiments at once (waves), else one at a time
 
     def __post_init__(self):
         self.repo = gitops.open_repo(self.repo_root)
@@ -152,7 +153,7 @@ class Runner:
         if others:
             raise SetupError(f"uncommitted changes to {', '.join(others[:5])} would be lost by the reset to the "
                              "best commit: commit or discard them, then rerun with --resume.")
-        if not self.ledger.best() and not self.ledger.open_experiment():
+        if not self.ledger.best() and not self.ledger.open_experiments():
             # No baseline yet (it crashed): the user may have committed a fix on the branch;
             # the baseline runs on the branch as it is now.
             self.base_commit = gitops.head_sha(self.repo)
@@ -208,8 +209,8 @@ class Runner:
         for note in self.ledger.repair():
             self.out(f"Repaired the ledger: {note}.")
         head = gitops.head_sha(self.repo)
-        open_exp = self.ledger.open_experiment()
-        if open_exp:
+        open_exps = self.ledger.open_experiments()
+        for open_exp in open_exps:            # several when a wave of workers was in flight
             pgid = self.ledger.spawned_pgid(open_exp["exp"])
             if pgid and group_alive(pgid) and self._ours(pgid):
                 kill_group(pgid, grace_s=2.0)
@@ -218,7 +219,7 @@ class Runner:
                                open_exp["description"] + " (interrupted)", baseline=open_exp.get("baseline", False),
                                cost_usd=open_exp.get("cost_usd", 0.0), note="runner killed during the experiment")
             self.out(f"Logged interrupted experiment {open_exp['exp']} as a crash.")
-        else:
+        if not open_exps:
             known = {r.get("commit") for r in self.ledger.records() if r.get("commit")}
             best = self.best_commit()
             if head != best and head not in known and gitops.is_ancestor(self.repo, best, head):
@@ -263,6 +264,9 @@ class Runner:
     def _record_protected(self) -> None:
         self.protected = gitops.hash_paths(self.repo)
         self.protected_untracked = gitops.untracked_files(self.repo)
+        if self.pool:        # a worker checks its bundle against these
+            self.trainer.protected = self.protected
+            self.trainer.protected_untracked = tuple(sorted(self.protected_untracked))
 
     def _reset(self, commit: str) -> None:
         """Back to `commit`: tracked files reset, files an agent added to protected folders
@@ -339,8 +343,11 @@ class Runner:
                 return
             self._check_spend()
             try:
-                self.experiment()
-                failures = 0
+                if self.pool:
+                    failures = self.wave(failures)
+                else:
+                    self.experiment()
+                    failures = 0
             except AgentFailed as e:
                 if isinstance(e, BudgetExhausted):
                     raise RunStopped(f"--max-spend reached: {e}") from None
@@ -431,8 +438,156 @@ class Runner:
             crash_point("before_reset", exp)
             self._reset(best_commit)
 
+    def wave(self, failures: int = 0) -> int:
+        """Up to N candidates from the best commit, trained at once on the pool, then one
+        decision. Taking the best of N noisy first runs is biased (with N A/A candidates
+        the best one looks like a gain far more often than one candidate does), so the
+        wave's best is never kept on its first run: it is run again with a fresh seed, and
+        that selection-free run goes through the sequential keep rule, re-runs and all.
+        Every other candidate is discarded. Candidates are commits off the best, kept
+        reachable under refs/autoresearch/<tag>/exp-<n>; the branch tip stays the best; the
+        wave's rows are written in experiment order once it is decided. Returns the number
+        of proposals in a row without a usable edit."""
+        from .decide import blob_id, duplicate_of, gain
+        from .noise import base_seed
+        parent = self.best_commit()
+        left = None if self.config.max_experiments is None else self.config.max_experiments - self.experiments_done()
+        size = self.pool.workers if left is None else min(self.pool.workers, left)
+        seed = base_seed()
+        flying, deferred, exp = [], [], self.ledger.next_exp() - 1
+        for _ in range(size):
+            if failures >= self.config.max_agent_failures:
+                break
+            self._judge_mark = self._judge_spend()
+            exp = max(self.ledger.next_exp(), exp + 1)
+            try:
+                if flying:
+                    self._check_spend()
+                proposal = self._propose(exp, in_flight=flying)
+            except RunStopped:
+                break
+            except AgentFailed as e:
+                if isinstance(e, BudgetExhausted):
+                    break
+                failures += 1
+                self.out(f"The agent produced no usable edit ({e}); {failures} in a row.")
+                continue
+            fields = dict(cost_usd=proposal.cost_usd, agent_meta=proposal.meta, usage=proposal.usage)
+            violation = self._violation(parent)
+            blob = blob_id(self.repo_root, self.training_file) if not violation else None
+            twin = next((c for c in flying if c["blob"] == blob), None)
+            dup = None if violation or twin else duplicate_of(self.repo_root, self.training_file, self.ledger.results())
+            if violation or twin or dup:
+                if violation:
+                    self.out(f"[{exp}] invalid: {violation}")
+                    deferred.append((exp, None, "invalid", f"{proposal.description} [invalid: {violation}]", fields))
+                else:
+                    was = twin or dup
+                    self.out(f"[{exp}] identical to experiment {was['exp']}: not run, discard")
+                    deferred.append((exp, None, "discard", f"{proposal.description} [identical to #{was['exp']}: "
+                                     "not run]", {**fields, "duplicate_of": was["exp"],
+                                                  **({"val_bpb": dup.get("val_bpb")} if dup else {})}))
+                    failures += 1
+                self._reset(parent)
+                continue
+            failures = 0
+            commit = gitops.commit_file(self.repo, self.training_file, proposal.description, exp=exp)
+            gitops.keep_ref(self.repo, self.config.tag, exp, commit)
+            crash_point("after_commit", exp)
+            self.ledger.append("start", exp=exp, commit=commit, parent=parent, description=proposal.description,
+                               cost_usd=proposal.cost_usd, wave=True)
+            job = self.trainer.job_for(self.repo_root, self._timeout(), seed=seed)
+            job.exp, job.die = exp, self._worker_fault(exp)
+            self._reset(parent)
+            flying.append(dict(exp=exp, commit=commit, description=proposal.description, blob=blob, fields=fields,
+                               agent_meta=proposal.meta, pending=self.pool.submit(job)))
+            self.out(f"[{exp}] {proposal.description} ({gitops.short(commit)}) -> worker")
+        self._settle(flying, deferred, parent, seed)
+        return failures
+
+    def _worker_fault(self, exp: int) -> int:
+        """AUTORESEARCH_CRASH_AT=worker@N (or worker-twice@N): the worker of experiment N kills
+        itself mid-run once (or on its retry too)."""
+        point, _, at = os.environ.get("AUTORESEARCH_CRASH_AT", "").partition("@")
+        if point in ("worker", "worker-twice") and (not at or int(at) == exp):
+            return 2 if point == "worker-twice" else 1
+        return 0
+
+    def _settle(self, flying: list[dict], deferred: list, parent: str, seed: int) -> None:
+        """Wait for a wave, decide it, write its rows in experiment order, move the branch."""
+        from .decide import gain
+        from .noise import with_seed
+        waiting = [c["pending"] for c in flying]
+        by_pending = {id(c["pending"]): c for c in flying}
+        while waiting:
+            for p in self.pool.wait(waiting):
+                waiting.remove(p)
+                c = by_pending[id(p)]
+                r = self.pool.result(p)
+                if r.get("retried"):
+                    self.ledger.append("retry", exp=c["exp"], note="the worker died; run once more")
+                c["outcome"], c["node"] = r["outcome"], r.get("node")
+                (self.repo_root / f"run.exp{c['exp']}.log").write_text(r["log"])
+                shown = f"{c['outcome'].value:.6f}" if c["outcome"].ok else c["outcome"].problem
+                self.out(f"[{c['exp']}] first run: {shown}" + (f" (node {c['node']})" if c.get("node") else ""))
+        best = self.ledger.best()
+        best_val = self._best_val()
+        direction = self.decisions.direction
+        screened = []
+        for c in flying:
+            status, extra = self.decisions.screen(c["outcome"], self.decisions.decider.name)
+            c["status"], c["extra"] = status, extra
+            if status is None:
+                screened.append(c)
+        winner = min(screened, key=lambda c: -gain(c["outcome"].value, best_val, direction), default=None)
+        for c in screened:
+            if c is winner:
+                continue
+            c["status"] = "discard"
+            c["extra"]["decision"] = (f"wave of {len(flying)}: #{winner['exp']} ran better" if winner else "")
+        if winner is not None:
+            first = winner["outcome"].value
+            if gain(first, best_val, direction) <= 0:
+                winner["status"] = "discard"
+                winner["extra"]["decision"] = f"best of a wave of {len(flying)}, not better than the best"
+            else:
+                self.out(f"[{winner['exp']}] best of the wave ({first:.6f}): confirming with a fresh run")
+                gitops.reset_hard(self.repo, winner["commit"])
+                reruns = self.decisions.reruns if self.decisions.rule == "noise" else 0
+                self.trainer.prefetch(self.repo_root, [seed + i for i in range(1, reruns + 2)], self._timeout())
+                fresh = with_seed(self.trainer, seed + 1).run(self.repo_root, self.repo_root / "run.log",
+                                                               self._timeout())
+                status, verdict = self.decisions.judge(winner["exp"], fresh,
+                                                       None if self.decide is decide_greedy else self.decide,
+                                                       seed_offset=1)
+                self.pool.drop_prefetched()
+                if status is None or status in ("crash", "invalid"):
+                    reason = verdict.pop("invalid_reason", None) or verdict.get("reason") or fresh.problem
+                    status, verdict = "discard", {"decision": f"the confirming run failed: {reason}"}
+                verdict["decision"] = (f"best first run of a wave of {len(flying)} ({first:.6f}); confirmed on fresh "
+                                       f"runs only: {verdict.get('decision', '')}")
+                winner["status"], winner["outcome"] = status, fresh
+                winner["extra"] = {**winner["extra"], **verdict, "screen_bpb": first}
+                if status != "keep":
+                    gitops.reset_hard(self.repo, parent)
+        rows = [(c["exp"], c) for c in flying] + [(d[0], d) for d in deferred]
+        for exp, item in sorted(rows, key=lambda row: row[0]):
+            if isinstance(item, tuple):
+                _, commit, status, description, fields = item
+                self._write_result(exp, commit, status, description, parent=parent, **fields)
+                continue
+            status, extra = item["status"], dict(item["extra"])
+            description = item["description"]
+            if status == "invalid":
+                description = f"{description} [invalid: {extra.pop('invalid_reason')}]"
+            extra.pop("invalid_reason", None)
+            self._finish(exp, item["commit"], status, description, item["outcome"], parent=parent, wave=len(flying),
+                         **({"node": item["node"]} if item.get("node") else {}), **item["fields"], **extra)
+        keep = winner is not None and winner["status"] == "keep"
+        self._reset(winner["commit"] if keep else parent)
+
     # -- pieces ----------------------------------------------------------------------------
-    def _context(self, crash_log: str | None = None) -> Context:
+    def _context(self, crash_log: str | None = None, in_flight: list[dict] = ()) -> Context:
         history = self.ledger.results()
         left = None
         if self.config.max_spend is not None:
@@ -440,17 +595,20 @@ class Runner:
         program = self.repo_root / "program.md"
         return Context(repo_root=self.repo_root, training_file=self.training_file,
                        program=program.read_text() if program.exists() else "",
-                       digest=make_digest(history, self.training_file, crash_log, objective=self.objective),
+                       digest=make_digest(history, self.training_file, crash_log, objective=self.objective,
+                                          in_flight=[c["description"] for c in in_flight]),
                        history=history, crash_log=crash_log, budget_left_usd=left, objective=self.objective,
-                       tag=self.config.tag)
+                       tag=self.config.tag,
+                       in_flight=[{"exp": c["exp"], "description": c["description"], "blob": c["blob"],
+                                   "agent_meta": c["agent_meta"]} for c in in_flight])
 
-    def _propose(self, exp: int) -> Proposal:
+    def _propose(self, exp: int, in_flight: list[dict] = ()) -> Proposal:
         """Ask the agent for an edit; an outage pauses (doubling waits) instead of ending the run."""
         wait, paused = self.config.outage_wait_s, 0.0
         while True:
             before = (self.repo_root / self.training_file).read_text()
             try:
-                proposal = self.agent.propose(self._context())
+                proposal = self.agent.propose(self._context(in_flight=in_flight))
             except AgentUnavailable as e:
                 self._agent_cost(exp, e.cost_usd, f"unavailable: {e}")
                 self._reset(self.best_commit())
@@ -606,17 +764,25 @@ class RunnerLock:
 def run(runner: Runner, resume: bool) -> int:
     """Set up or resume, then loop; returns a process exit code."""
     with RunnerLock(Path(runner.repo.git_dir)):
-        if resume:
-            runner.resume()
-        else:
-            runner.start()
         try:
-            runner.loop()
-        except RunStopped as e:
-            runner.out(f"Stopped: {e}")
-            return 3
+            return _run(runner, resume)
         finally:
-            best = runner.ledger.best()
-            if best:
-                runner.out(f"Best: {runner.objective.name} {best['val_bpb']:.6f} at {best['commit_short']} ({best['description']}).")
+            if runner.pool:           # Ctrl-C included: every worker stops, with its trainer
+                runner.pool.shutdown()
+
+
+def _run(runner: Runner, resume: bool) -> int:
+    if resume:
+        runner.resume()
+    else:
+        runner.start()
+    try:
+        runner.loop()
+    except RunStopped as e:
+        runner.out(f"Stopped: {e}")
+        return 3
+    finally:
+        best = runner.ledger.best()
+        if best:
+            runner.out(f"Best: {runner.objective.name} {best['val_bpb']:.6f} at {best['commit_short']} ({best['description']}).")
     return 0

@@ -53,6 +53,7 @@ class Context:
     budget_left_usd: float | None = None
     objective: Objective = field(default_factory=Objective)
     tag: str = ""                    # the run's tag (the offline TPE agent's study name)
+    in_flight: list = field(default_factory=list)   # candidates being trained now (workers): exp, description, blob
 
     @property
     def training_path(self) -> Path:
@@ -135,7 +136,7 @@ def system_prompt(ctx: Context) -> str:
 
 
 def make_digest(history: list[dict], training_file: str, crash_log: str | None = None,
-                last_n: int = 20, objective: Objective | None = None) -> str:
+                last_n: int = 20, objective: Objective | None = None, in_flight: list[str] = ()) -> str:
     """The compact state of the run an agent gets instead of a long conversation."""
     obj = objective or Objective()
     name = obj.name
@@ -156,6 +157,9 @@ def make_digest(history: list[dict], training_file: str, crash_log: str | None =
             val = r.get("val_bpb") or 0.0
             mem = r.get("memory_gb") or 0.0
             lines.append(f"  {r.get('commit_short') or '-------'}  {val:.6f}  {mem:.1f}  {r['status']:<7}  {r['description']}")
+    if in_flight:
+        lines.append("Being trained now, from this same file (propose a different idea, not one of these):")
+        lines += [f"  - {d}" for d in in_flight]
     if crash_log:
         lines.append("The last run crashed. Tail of run.log:")
         lines.append(crash_log[-4000:])

@@ -179,7 +179,7 @@ class HparamAgent(Agent):
                               "(expected module-level lines like `MATRIX_LR = 0.04`).")
         values = {name: value for name, value, _ in constants}
         names = [name for name, _, _ in constants]
-        tried = tried_blobs(ctx.history) | {blob_hash(text)}
+        tried = tried_blobs(ctx.history + list(ctx.in_flight)) | {blob_hash(text)}
         factor = self._factor(ctx.history, len(names))
         plan = self._plan(names, ctx.history)
         for _ in range(MAX_SHRINKS + 1):

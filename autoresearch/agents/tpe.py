@@ -88,6 +88,8 @@ class TPEAgent(Agent):
             meta = r.get("agent_meta")
             if isinstance(meta, dict) and isinstance(meta.get("tpe"), dict):
                 by_trial[meta["tpe"]["trial"]] = r
+        flying = {c["agent_meta"]["tpe"]["trial"] for c in ctx.in_flight
+                  if isinstance((c.get("agent_meta") or {}).get("tpe"), dict)}
         trials = study.get_trials(deepcopy=False)
         if not any(t.user_attrs.get("baseline") for t in trials) and ctx.history:
             base = ctx.history[0]
@@ -99,7 +101,7 @@ class TPEAgent(Agent):
                         params=params, distributions=distributions(space), value=base["val_bpb"],
                         user_attrs={"baseline": True, "exp": base.get("exp", 0)}))
         for t in trials:
-            if t.state != TrialState.RUNNING:
+            if t.state != TrialState.RUNNING or t.number in flying:   # in flight: asked, told later
                 continue
             r = by_trial.get(t.number)
             if r is not None and r.get("status") in ("keep", "discard") and _finite(r.get("val_bpb")):
@@ -136,7 +138,7 @@ class TPEAgent(Agent):
         missing = [n for n in space if n not in current]
         if missing:
             raise AgentFailed(f"hparam-tpe agent: the training file no longer defines {', '.join(missing)}.")
-        tried = tried_blobs(ctx.history) | {blob_hash(text)}
+        tried = tried_blobs(ctx.history + list(ctx.in_flight)) | {blob_hash(text)}
         by_blob = {r["blob"]: r for r in ctx.history if r.get("blob")}
         dists = distributions(space)
         for _ in range(MAX_ASKS):
