@@ -48,7 +48,7 @@ class Job:
     timeout_s: float
     runner_python: str                # the runner's interpreter: a worker uses its own instead
     exp: int | None = None
-    die: bool = False                 # fault injection: the worker kills itself mid-run
+    die: int = 0                      # fault injection: the worker kills itself mid-run (on this many attempts)
 
 
 def make_bundle(repo_root: Path, protected_untracked=()) -> bytes:
@@ -116,6 +116,19 @@ def run_job(job: Job) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _check_reachable(address: str) -> None:
+    """A one-line error at once for an address nothing listens on (Ray itself retries for a
+    minute). "auto" and ray:// client addresses are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise SetupError(f"--ray-address {address}: nothing answers there ({e.strerror or e}): start the cluster's head "
+                         "with `ray start --head --port PORT` and pass HOST:PORT.") from None
+
+
 @dataclass
 class Pending:
     """A job in flight: its Ray reference and how many times it was started."""
@@ -137,11 +150,13 @@ class Pool:
         self.ray, self.out = ray, out
         self._tmp, self._closed = None, False
         if address:
+            _check_reachable(address)
             try:
                 ray.init(address=address, log_to_driver=False, logging_level="ERROR")
             except Exception as e:   # ConnectionError and Ray's own errors: one line, then stop
-                raise SetupError(f"--ray-address {address}: cannot join the Ray cluster ({str(e).splitlines()[0]}): "
-                                 "start its head with `ray start --head` and pass the address it prints.") from None
+                raise SetupError(f"--ray-address {address}: cannot join the Ray cluster ({str(e).splitlines()[0]}); "
+                                 "if it uses token authentication, set RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to "
+                                 "its token.") from None
             where = f"Ray cluster at {address}"
         else:
             # a short temp dir: Ray's socket paths must stay under the OS limit of ~107 bytes
@@ -166,6 +181,9 @@ class Pool:
         self.workers = workers
         if total < workers:
             self.out(f"Note: the cluster has {total:g} slots for {workers} workers: the rest wait for a free slot.")
+        if not address and sys.platform == "darwin" and workers > 1:
+            self.out(f"Note: the {workers} runs share this Mac's one GPU, so each is slower and noisier than alone; "
+                     "for one device per slot, add Macs to a cluster (README: Parallel runs).")
         self.threads = None
         if not address and backend != "cuda":
             cores = os.cpu_count() or 1
@@ -175,7 +193,7 @@ class Pool:
         self.out(f"Workers: {workers} experiments at once on {where}, {what}.")
 
     def job(self, trainer: Trainer, bundle: bytes, protected: dict, seed: int, timeout_s: float,
-            exp: int | None = None, die: bool = False) -> Job:
+            exp: int | None = None, die: int = 0) -> Job:
         if self.threads is not None:
             trainer = dataclasses.replace(trainer, env={**trainer.env,
                                                         **{v: str(self.threads) for v in THREAD_VARS}})
@@ -209,7 +227,7 @@ class Pool:
                     msg = f"the worker died twice ({type(e).__name__}: {why})"
                     return {"outcome": _failed(msg), "log": msg, "node": "", "retried": p.attempts - 1}
                 self.out(f"[{p.job.exp}] the worker died ({type(e).__name__}); starting the run once more.")
-                p.job = dataclasses.replace(p.job, die=False)
+                p.job = dataclasses.replace(p.job, die=max(0, int(p.job.die) - 1))
                 p.ref, p.attempts = self._remote.remote(p.job), p.attempts + 1
             except errors.RayTaskError as e:    # run_job itself raised: a bug or a node problem, not the run
                 cause = getattr(e, "cause", None) or e
