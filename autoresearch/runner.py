@@ -219,19 +219,19 @@ class Runner:
                                open_exp["description"] + " (interrupted)", baseline=open_exp.get("baseline", False),
                                cost_usd=open_exp.get("cost_usd", 0.0), note="runner killed during the experiment")
             self.out(f"Logged interrupted experiment {open_exp['exp']} as a crash.")
-        if not open_exps:
-            known = {r.get("commit") for r in self.ledger.records() if r.get("commit")}
-            best = self.best_commit()
-            if head != best and head not in known and gitops.is_ancestor(self.repo, best, head):
-                if gitops.runner_exp_of(self.repo, head) is None:
-                    raise SetupError(
-                        f"{self.branch} has commits the runner did not make on top of the best commit "
-                        f"{gitops.short(best)} (HEAD {gitops.short(head)}: {gitops.commit_message(self.repo, head)!r}). "
-                        f"Move them to another branch, `git reset --hard {gitops.short(best)}`, then --resume.")
-                desc = gitops.commit_message(self.repo, head)
-                self._write_result(self.ledger.next_exp(), head, "crash", desc + " (interrupted before it ran)",
-                                   note="runner killed between the commit and the start record")
-                self.out(f"Logged commit {gitops.short(head)} (never run) as a crash.")
+        # a commit on the branch without a start (also a wave's candidate, committed but not yet started)
+        known = {r.get("commit") for r in self.ledger.records() if r.get("commit")}
+        best = self.best_commit()
+        if head != best and head not in known and gitops.is_ancestor(self.repo, best, head):
+            if gitops.runner_exp_of(self.repo, head) is None:
+                raise SetupError(
+                    f"{self.branch} has commits the runner did not make on top of the best commit "
+                    f"{gitops.short(best)} (HEAD {gitops.short(head)}: {gitops.commit_message(self.repo, head)!r}). "
+                    f"Move them to another branch, `git reset --hard {gitops.short(best)}`, then --resume.")
+            desc = gitops.commit_message(self.repo, head)
+            self._write_result(self.ledger.next_exp(), head, "crash", desc + " (interrupted before it ran)",
+                               note="runner killed between the commit and the start record")
+            self.out(f"Logged commit {gitops.short(head)} (never run) as a crash.")
         if self.ledger.rebuild_tsv():
             self.out("Rebuilt results.tsv from the ledger.")
         gitops.reset_hard(self.repo, self.best_commit())
