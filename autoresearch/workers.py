@@ -116,6 +116,11 @@ def run_job(job: Job) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _warm_up() -> None:
+    import autoresearch.trainer  # noqa: F401  (the imports a job needs)
+    time.sleep(0.5)               # hold the slot, so that each slot gets a process of its own
+
+
 def _check_reachable(address: str) -> None:
     """A one-line error at once for an address nothing listens on (Ray itself retries for a
     minute). "auto" and ray:// client addresses are left to Ray."""
@@ -190,6 +195,9 @@ class Pool:
             self.threads = max(1, cores // workers)    # CPU slots split the cores
         self._remote = ray.remote(run_job).options(max_retries=0, **self.options)
         self._pending_seeded: dict[tuple, Pending] = {}
+        # start the worker processes now, one per slot, rather than inside the first wave
+        warm = ray.remote(_warm_up).options(max_retries=0, **self.options)
+        ray.get([warm.remote() for _ in range(min(workers, int(total)))])
         self.out(f"Workers: {workers} experiments at once on {where}, {what}.")
 
     def job(self, trainer: Trainer, bundle: bytes, protected: dict, seed: int, timeout_s: float,

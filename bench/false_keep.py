@@ -10,6 +10,13 @@ then a candidate with the SAME distribution (A/A) or one shifted by g * sigma is
 greedy and by the noise-aware rule (decide.py, re-runs drawn from the same distribution).
 Draws are either resampled from the measured values (empirical, with replacement) or
 normal with their mean and std (--normal). Prints keep rates and re-runs per decision.
+
+--parallel N (default 4) plays a wave of N candidates from one parent, as `run --workers N`
+does: the best first run of the wave is confirmed by a fresh run that goes through the rule
+(re-runs and all), every other candidate is discarded. It prints the keep rate per wave and
+per candidate against the sequential rule's, and what keeping the wave's best on its own
+(selected) first run would do: the bias the confirmation removes. With a planted gain, one
+candidate of the wave has it and the others are A/A.
 """
 from __future__ import annotations
 
@@ -66,6 +73,39 @@ def simulate(values, trials, noise_runs, reruns, confidence, shift_sigmas, norma
     return mu, sd, out
 
 
+def simulate_wave(values, trials, noise_runs, reruns, confidence, shift_sigmas, normal, seed, n):
+    """Keep rates of a wave of n candidates (one shifted by g sigma, the rest A/A), per wave."""
+    rng = random.Random(seed + 1)
+    mu, sd = statistics.fmean(values), statistics.stdev(values)
+    centred = [v - mu for v in values]
+
+    def draw(shift):
+        return mu + shift + (rng.gauss(0.0, sd) if normal else rng.choice(centred))
+
+    out = {}
+    for g in shift_sigmas:
+        shifts = [-g * sd] + [0.0] * (n - 1)
+        kept = {"confirmed": 0, "naive": 0}
+        kept_real = 0
+        for _ in range(trials):
+            base_runs = [draw(0.0) for _ in range(noise_runs)]
+            best = Best(statistics.fmean(base_runs), noise_runs)
+            rule = NoiseAware(statistics.stdev(base_runs), confidence, reruns, df=noise_runs - 1)
+            first = [draw(s) for s in shifts]
+            w = min(range(n), key=lambda i: first[i])
+            rerun = lambda i: draw(shifts[w])   # noqa: E731
+            # naive: the rule applied to the selected first run itself
+            kept["naive"] += rule.decide(first[w], best, rerun).status == "keep"
+            if first[w] < best.value:
+                # the runner: a fresh, selection-free run goes through the rule
+                if rule.decide(draw(shifts[w]), best, rerun).status == "keep":
+                    kept["confirmed"] += 1
+                    kept_real += (w == 0 and g > 0)
+        out[g] = {k: v / trials for k, v in kept.items()}
+        out[g]["real"] = kept_real / trials
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -79,6 +119,7 @@ def main(argv=None):
                    help="real gains to plant, in units of sigma (0 = A/A)")
     p.add_argument("--normal", action="store_true", help="draw from a normal fit instead of resampling")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parallel", type=int, default=4, metavar="N", help="candidates per wave (0: skip the waves)")
     args = p.parse_args(argv)
     values = load_values(args)
     if len(values) < 3:
@@ -96,7 +137,26 @@ def main(argv=None):
     aa = res.get(0.0)
     if aa and aa["noise"] > 0:
         print(f"A/A false-keep ratio greedy / noise-aware: {aa['greedy'] / aa['noise']:.1f}x")
-
+    if args.parallel > 1:
+        n = args.parallel
+        waves = simulate_wave(values, args.trials, args.noise_runs, args.reruns, args.confidence, args.gains,
+                              args.normal, args.seed, n)
+        print(f"\nWAVES of {n} candidates from one parent (run --workers {n}); noise-aware rule; one candidate has the "
+              "planted gain, the others are A/A")
+        print(f"{'real gain':>10}  {'sequential':>10}  {'wave, confirmed':>15}  {'per candidate':>13}  "
+              f"{'wave, naive':>11}  {'the real one kept':>17}")
+        for g, r in waves.items():
+            label = "A/A" if g == 0 else f"{g:g} sigma"
+            print(f"{label:>10}  {res[g]['noise']:>10.4f}  {r['confirmed']:>15.4f}  {r['confirmed'] / n:>13.4f}  "
+                  f"{r['naive']:>11.4f}  {r['real']:>17.4f}")
+        w = waves.get(0.0)
+        if w is not None and aa is not None:
+            se = (w["confirmed"] * (1 - w["confirmed"]) / args.trials) ** 0.5
+            per = w["confirmed"] / n
+            verdict = "does not exceed" if per <= aa["noise"] else "EXCEEDS"
+            print(f"A/A keep rate per candidate in waves of {n}: {per:.4f} {verdict} the sequential rule's "
+                  f"{aa['noise']:.4f} per experiment; per decision (a wave vs one experiment): {w['confirmed']:.4f} "
+                  f"+- {se:.4f} vs {aa['noise']:.4f}; keeping the wave's best on its selected run: {w['naive']:.4f}")
 
 if __name__ == "__main__":
     main()

@@ -148,6 +148,35 @@ def test_hparam_skips_files_it_already_proposed_even_when_they_crashed(tmp_path)
     assert prop.meta["hparam"]["blob"] == blob_hash(f.read_text())
 
 
+def test_offline_agents_propose_distinct_moves_while_others_are_in_flight(tmp_path):
+    """A wave (run --workers N): N proposals from the same file before any is told. hparam skips
+    files in flight; hparam-tpe keeps their trials pending (ask N) instead of failing them."""
+    from autoresearch.agents.tpe import TPEAgent
+    f = tmp_path / "train_mlx.py"
+    history = [{"exp": 0, "status": "keep", "description": "baseline", "val_bpb": 1.5, "blob": blob_hash(TRAINER)}]
+    for agent, key in ((HparamAgent(), "hparam"), (TPEAgent(seed=3), "tpe")):
+        flying = []
+        for i in range(4):
+            f.write_text(TRAINER)                     # the runner resets to the wave's parent
+            ctx = Context(tmp_path, "train_mlx.py", "", "", list(history), tag="w", in_flight=list(flying))
+            prop = agent.propose(ctx)
+            flying.append({"exp": i + 1, "description": prop.description, "blob": blob_hash(f.read_text()),
+                           "agent_meta": prop.meta})
+        assert len({c["blob"] for c in flying}) == 4 and blob_hash(TRAINER) not in {c["blob"] for c in flying}
+    study = _study(tmp_path, "w")
+    from optuna.trial import TrialState
+    pending = [t.number for t in study.trials if t.state == TrialState.RUNNING]
+    assert pending == [c["agent_meta"]["tpe"]["trial"] for c in flying]      # none failed while in flight
+
+
+def test_the_digest_lists_the_candidates_in_flight():
+    hist = [{"exp": 0, "commit_short": "c000000", "val_bpb": 1.0, "memory_gb": 1.0, "status": "keep",
+             "description": "baseline"}]
+    text = make_digest(hist, "train_mlx.py", in_flight=["wider MLP", "lower LR"])
+    assert "Being trained now" in text and "  - wider MLP" in text and "  - lower LR" in text
+    assert "Being trained now" not in make_digest(hist, "train_mlx.py")
+
+
 def test_hparam_edits_the_real_trainers_constants():
     for name in ("train_mlx.py", "train.py"):
         path = PROJECT / name

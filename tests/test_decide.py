@@ -303,3 +303,20 @@ def git_repo(d):
     repo.git.add("train_mlx.py")
     repo.git.commit("-q", "-m", "noisy trainer")
     return repo
+
+
+def test_waves_confirm_on_a_fresh_run_so_best_of_n_is_not_a_false_keep():
+    """bench/false_keep.py's wave simulation (what run --workers N does): keeping the wave's
+    best on its own selected first run keeps no-op candidates about twice as often as one
+    experiment's rule; the fresh confirming run brings it back to the sequential rate per
+    wave, a quarter of it per candidate."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("false_keep", Path(__file__).parent.parent / "bench" / "false_keep.py")
+    fk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fk)
+    values = [2.4221, 2.4650, 2.4573, 2.4664, 2.4536]
+    _, _, seq = fk.simulate(values, 6000, 5, 2, 0.95, [0.0], True, 0)
+    wave = fk.simulate_wave(values, 6000, 5, 2, 0.95, [0.0], True, 0, 4)[0.0]
+    assert wave["naive"] > 1.6 * seq[0.0]["noise"]
+    assert wave["confirmed"] / 4 < seq[0.0]["noise"]
+    assert wave["confirmed"] < seq[0.0]["noise"] + 4 * (seq[0.0]["noise"] / 6000) ** 0.5 + 0.005
