@@ -154,6 +154,42 @@ def progress_chart(results: list[dict], sigma: float | None, floor: float | None
             + "".join(out) + f'</svg><div class="legend">{legend}</div>')
 
 
+def timeline_chart(results: list[dict]) -> str:
+    """Parallel runs (run --workers): which experiment's first run ran on which worker, when.
+    Empty when the run used no workers."""
+    ran = [r for r in results if isinstance(r.get("ran"), dict) and is_finite(r["ran"].get("start"))
+           and is_finite(r["ran"].get("end"))]
+    if not ran:
+        return ""
+    lanes = sorted({r["ran"].get("worker", "?") for r in ran})
+    t0 = min(r["ran"]["start"] for r in ran)
+    t1 = max(r["ran"]["end"] for r in ran)
+    lane_h = 26
+    height = TOP + BOTTOM + lane_h * len(lanes)
+    ax = Axes(0.0, max(t1 - t0, 1.0), 0.0, 1.0)
+    out = []
+    for i, lane in enumerate(lanes):
+        y = TOP + i * lane_h
+        out.append(f'<text class="tick" x="{LEFT - 6}" y="{y + lane_h / 2 + 4}" text-anchor="end">{esc(lane[-18:])}'
+                   f'<title>{esc(lane)}</title></text>')
+    for t in nice_ticks(0.0, ax.x1, 10):
+        out.append(f'<text class="tick" x="{ax.x(t)}" y="{height - BOTTOM + 16}" text-anchor="middle">{t:g}</text>')
+    out.append(f'<text class="label" x="{(LEFT + W - RIGHT) / 2}" y="{height - 4}" text-anchor="middle">'
+               'seconds since the first candidate started</text>')
+    for r in ran:
+        lane = lanes.index(r["ran"].get("worker", "?"))
+        x0, x1 = ax.x(r["ran"]["start"] - t0), ax.x(r["ran"]["end"] - t0)
+        y = TOP + lane * lane_h + 3
+        tip = (f"#{r['exp']} {r['status']} on {r['ran'].get('worker')}: {r['ran']['end'] - r['ran']['start']:.1f} s, "
+               f"{r.get('description', '')}")
+        out.append(f'<g class="bar {esc(r["status"])}" data-exp="{r["exp"]}"><rect x="{x0}" y="{y}" '
+                   f'width="{max(x1 - x0, 2)}" height="{lane_h - 6}" rx="3"/><text x="{x0 + 4}" y="{y + lane_h / 2 + 1}">'
+                   f'#{r["exp"]}</text><title>{esc(tip)}</title></g>')
+    return (f'<h2>Workers</h2><svg id="timeline" viewBox="0 0 {W} {height}" role="img" aria-label="workers timeline">'
+            + "".join(out) + '</svg><p class="hint">Each candidate\'s first run, by worker; confirming runs and '
+            're-runs are not drawn.</p>')
+
+
 def thin(curve: list, points: int = CURVE_POINTS) -> list[list[float]]:
     """[elapsed s, loss] pairs, at most `points`, the last kept."""
     return thin_evenly([[round(c[3], 2), round(c[1], 4)] for c in curve if len(c) >= 4 and is_finite(c[1])], points)
@@ -344,6 +380,7 @@ def report_page(ledger: Ledger, repo_root: Path, refresh_s: int | None = None) -
 {f'<ul id="warnings">{warnings}</ul>' if warnings else ""}
 <h2>Progress</h2>{progress_chart(results, sigma, floor, name, maximize)}
 <h2>Training loss</h2>{curves_svg}
+{timeline_chart(results)}
 <div class="columns"><div><h2>Settings</h2><table id="settings">{settings}</table></div>
 <div><h2>Notes</h2><ul id="notes">{"".join(f"<li>{esc(n)}</li>" for n in notes)}</ul></div></div>
 <h2>Experiments</h2>{results_table(results, name, reruns_s)}
@@ -389,6 +426,8 @@ h3{font-size:14px;margin:18px 0 4px}.mono,pre{font-family:ui-monospace,SFMono-Re
 #warnings{background:#fff4e5;border:1px solid #f0b862;border-radius:6px;padding:8px 8px 8px 28px}
 svg{width:100%;height:auto;background:#fff}.plot{fill:#fbfcfd;stroke:#d0d5da}.grid{stroke:#eceff2}
 .tick{font-size:11px;fill:#5b6670}.label{font-size:12px;fill:#38424c}
+.bar{cursor:pointer}.bar rect{fill:#b4bac0}.bar.keep rect{fill:#2ca02c}.bar.crash rect{fill:#d62728}
+.bar.invalid rect{fill:#e08a00}.bar text{font-size:11px;fill:#fff;pointer-events:none}
 .point{cursor:pointer}.point.keep{fill:#2ca02c;stroke:#124d12;stroke-width:1}.point.discard{fill:#b4bac0}
 .point.invalid{fill:none;stroke:#e08a00;stroke-width:1.5}.point.crash{stroke:#d62728;stroke-width:2;fill:none}
 .point.clipped{opacity:.55}.best{fill:none;stroke:#2ca02c;stroke-width:1.6;opacity:.75}
@@ -435,7 +474,7 @@ SCRIPT = """
     line.setAttribute('data-exp', exp);
     line.setAttribute('points', c ? c.map(function(p){ return px(p[0]) + ',' + py(p[1]); }).join(' ') : '');
   }
-  document.querySelectorAll('#results tbody tr, #progress .point').forEach(function(el){
+  document.querySelectorAll('#results tbody tr, #progress .point, #timeline .bar').forEach(function(el){
     el.addEventListener('click', function(){ pick(el.getAttribute('data-exp')); });
   });
   var linked = /^#exp-(\d+)$/.exec(location.hash);   // report.html#exp-12 opens with run 12 selected

@@ -526,7 +526,7 @@ class Runner:
                 r = self.pool.result(p)
                 if r.get("retried"):
                     self.ledger.append("retry", exp=c["exp"], note="the worker died; run once more")
-                c["outcome"], c["node"] = r["outcome"], r.get("node")
+                c["outcome"], c["node"], c["ran"] = r["outcome"], r.get("node"), r.get("ran")
                 (self.repo_root / f"run.exp{c['exp']}.log").write_text(r["log"])
                 shown = f"{c['outcome'].value:.6f}" if c["outcome"].ok else c["outcome"].problem
                 self.out(f"[{c['exp']}] first run: {shown}" + (f" (node {c['node']})" if c.get("node") else ""))
@@ -582,7 +582,8 @@ class Runner:
                 description = f"{description} [invalid: {extra.pop('invalid_reason')}]"
             extra.pop("invalid_reason", None)
             self._finish(exp, item["commit"], status, description, item["outcome"], parent=parent, wave=len(flying),
-                         **({"node": item["node"]} if item.get("node") else {}), **item["fields"], **extra)
+                         **({"node": item["node"]} if item.get("node") else {}),
+                         **({"ran": item["ran"]} if item.get("ran") else {}), **item["fields"], **extra)
         keep = winner is not None and winner["status"] == "keep"
         self._reset(winner["commit"] if keep else parent)
 

@@ -109,9 +109,12 @@ def run_job(job: Job) -> dict:
             if job.die:
                 time.sleep(0.3)
                 os.kill(os.getpid(), signal.SIGKILL)
+        started = time.time()
         outcome = trainer.run(checkout, log_path, job.timeout_s, on_spawn=on_spawn)
         data = log_path.read_bytes() if log_path.exists() else b""
-        return {"outcome": outcome, "log": data[-LOG_LIMIT:].decode(errors="replace"), "node": node}
+        return {"outcome": outcome, "log": data[-LOG_LIMIT:].decode(errors="replace"), "node": node,
+                "ran": {"worker": f"{node} pid {os.getpid()}", "start": round(started, 3),
+                        "end": round(time.time(), 3)}}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

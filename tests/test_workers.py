@@ -103,6 +103,24 @@ def test_a_wave_run_keeps_the_books_in_order_and_every_candidate_reachable(tmp_p
         assert (d / f"run.exp{x['exp']}.log").exists()
     assert gone_within(10)
 
+    # the morning report's timeline: each candidate's first run on its worker, in a real browser
+    from test_html_report import Dom, browse
+    r = run_cli(d, "report", "--html")
+    assert r.returncode == 0, r.stderr
+    dom = Dom(browse((d / "report.html").as_uri(), tmp_path, "--dump-dom").stdout)
+    bars = dom.select("g", "bar")
+    assert sorted(int(b[1]["data-exp"]) for b in bars) == [1, 2, 3, 4]
+    tips = [t[2] for t in dom.select("title")]
+    for b in bars:
+        x = next(x for x in results if x["exp"] == int(b[1]["data-exp"]))
+        assert x["status"] in b[1]["class"].split()
+        assert any(t.startswith(f"#{x['exp']} {x['status']} on {x['ran']['worker']}:") for t in tips)
+    lanes = {x["ran"]["worker"] for x in results[1:]}
+    assert len(lanes) == 2                      # two workers, one lane each
+    for x in results[1:]:     # a wave's two first runs overlapped in time
+        mates = [y for y in results[1:] if y["parent"] == x["parent"] and y is not x]
+        assert any(y["ran"]["start"] < x["ran"]["end"] and x["ran"]["start"] < y["ran"]["end"] for y in mates)
+
 
 def test_a_killed_worker_is_retried_once_then_logged_as_a_crash(tmp_path):
     d = tmp_path / "once"
