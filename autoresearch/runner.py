@@ -454,7 +454,7 @@ class Runner:
         left = None if self.config.max_experiments is None else self.config.max_experiments - self.experiments_done()
         size = self.pool.workers if left is None else min(self.pool.workers, left)
         seed = base_seed()
-        flying, deferred, exp = [], [], self.ledger.next_exp() - 1
+        flying, deferred, exp, stop = [], [], self.ledger.next_exp() - 1, None
         for _ in range(size):
             if failures >= self.config.max_agent_failures:
                 break
@@ -464,10 +464,12 @@ class Runner:
                 if flying:
                     self._check_spend()
                 proposal = self._propose(exp, in_flight=flying)
-            except RunStopped:
+            except RunStopped as e:        # the wave in flight is still decided, then the run stops
+                stop = e
                 break
             except AgentFailed as e:
                 if isinstance(e, BudgetExhausted):
+                    stop = RunStopped(f"--max-spend reached: {e}")
                     break
                 failures += 1
                 self.out(f"The agent produced no usable edit ({e}); {failures} in a row.")
@@ -503,6 +505,10 @@ class Runner:
                                agent_meta=proposal.meta, pending=self.pool.submit(job)))
             self.out(f"[{exp}] {proposal.description} ({gitops.short(commit)}) -> worker")
         self._settle(flying, deferred, parent, seed)
+        if stop:
+            raise stop
+        if failures >= self.config.max_agent_failures:
+            raise RunStopped(f"{failures} proposals in a row without a usable edit: stopping.")
         return failures
 
     def _worker_fault(self, exp: int) -> int:
@@ -536,6 +542,8 @@ class Runner:
         screened = []
         for c in flying:
             status, extra = self.decisions.screen(c["outcome"], self.decisions.decider.name)
+            if "blob" in extra:            # the candidate's file, not the parent's in the working tree
+                extra["blob"] = c["blob"]
             c["status"], c["extra"] = status, extra
             if status is None:
                 screened.append(c)

@@ -35,13 +35,14 @@ from .noise import SEED_ENV, with_seed
 from .trainer import RunOutcome, SetupError, Trainer
 
 SLOT = "autoresearch_slot"
+WORKER_START_S = 120                  # a worker process that is not up by then will not come
 LOG_LIMIT = 4 * 1024 * 1024           # bytes of a run's log sent back (its tail)
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
 
 
 @dataclass
 class Job:
-    bundle: object                    # tar bytes of the checkout, or a Ray reference to them
+    bundle: bytes                     # tar of the checkout (make_bundle)
     protected: dict                   # gitops.hash_paths of the runner's checkout
     trainer: Trainer
     seed: int
@@ -82,8 +83,7 @@ def run_job(job: Job) -> dict:
         checkout, logs = work / "checkout", work / "logs"
         checkout.mkdir()
         logs.mkdir()
-        bundle = job.bundle
-        with tarfile.open(fileobj=io.BytesIO(bundle), mode="r") as tar:
+        with tarfile.open(fileobj=io.BytesIO(job.bundle), mode="r") as tar:
             tar.extractall(checkout, filter="data")
         subprocess.run(["git", "init", "-q"], cwd=checkout, check=True)
         subprocess.run(["git", "add", "-A"], cwd=checkout, check=True)
@@ -143,7 +143,6 @@ class Pending:
     job: Job
     ref: object
     attempts: int = 1
-    started: float = 0.0
 
 
 class Pool:
@@ -151,6 +150,10 @@ class Pool:
 
     def __init__(self, workers: int | None, address: str | None, backend: str, out=print):
         """workers None: as many as the cluster has slots (with address), else 1."""
+        # Under `uv run`, Ray would ship the current folder to every worker and start it with
+        # `uv run` there (its uv hook): workers get their files from the bundle instead, and
+        # the user's pyproject is not Ray's to rebuild. Read when Ray is imported.
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
         try:
             import ray
         except ImportError:
@@ -200,7 +203,13 @@ class Pool:
         self._pending_seeded: dict[tuple, Pending] = {}
         # start the worker processes now, one per slot, rather than inside the first wave
         warm = ray.remote(_warm_up).options(max_retries=0, **self.options)
-        ray.get([warm.remote() for _ in range(min(workers, int(total)))])
+        try:
+            ray.get([warm.remote() for _ in range(min(workers, int(total)))], timeout=WORKER_START_S)
+        except ray.exceptions.GetTimeoutError:
+            logs = f"{self._tmp}/session_latest/logs" if self._tmp else "the logs of the cluster's nodes"
+            ray.shutdown()            # the temporary folder stays: its logs say why
+            raise SetupError(f"Ray started no worker within {WORKER_START_S} s (see {logs}): a worker's runtime "
+                             "environment failed; with `uv run`, leave RAY_ENABLE_UV_RUN_RUNTIME_ENV unset.") from None
         self.out(f"Workers: {workers} experiments at once on {where}, {what}.")
 
     def job(self, trainer: Trainer, bundle: bytes, protected: dict, seed: int, timeout_s: float,
@@ -211,7 +220,7 @@ class Pool:
         return Job(bundle, protected, trainer, seed, timeout_s, sys.executable, exp=exp, die=die)
 
     def submit(self, job: Job) -> Pending:
-        return Pending(job, self._remote.remote(job), started=time.monotonic())
+        return Pending(job, self._remote.remote(job))
 
     def wait(self, pending: list[Pending], timeout: float | None = None) -> list[Pending]:
         """The jobs of `pending` that have finished (at least one unless timeout passes)."""

@@ -90,6 +90,8 @@ def test_a_wave_run_keeps_the_books_in_order_and_every_candidate_reachable(tmp_p
         assert repo.git.rev_parse(ref) == x["commit"]
         assert repo.commit(x["commit"]).parents[0].hexsha == starts[x["exp"]]["parent"] == x["parent"]
         assert x["wave"] == 2 and x.get("node")
+        # the file it scored is recorded by its content (duplicates and the agents rely on it)
+        assert x["blob"] == repo.git.rev_parse(f"{x['commit']}:train_mlx.py")
         waves.setdefault(x["parent"], []).append(x)
     for parent, members in waves.items():
         # the in-flight candidates were distinct moves, and at most one of a wave was kept
@@ -143,6 +145,56 @@ def test_a_killed_worker_is_retried_once_then_logged_as_a_crash(tmp_path):
     rows = check_consistent(d)
     assert len(rows) == N + 1            # the run went on after the crash
     assert not worker_pids()
+
+
+def test_an_agent_that_keeps_failing_stops_a_wave_run(tmp_path, monkeypatch):
+    """The runner in process with a real pool: one usable edit, then proposals that fail. The
+    waves decide what they have and the run stops after max_agent_failures, not loops."""
+    from autoresearch.runner import RunConfig, Runner, run
+    from autoresearch.trainer import Trainer
+    from autoresearch.workers import Pool, RemoteTrainer
+    from loop_fixtures.helpers import ScriptedAgent
+    for k in list(os.environ):
+        if k.startswith(("AUTORESEARCH_", "FAKE_")):
+            monkeypatch.delenv(k)
+    d = tmp_path / "p"
+    make_repo(d)
+    agent = ScriptedAgent([("MATRIX_LR up", lambda t: t.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.08"))])
+    lines = []
+    pool = Pool(2, None, "mlx", out=lines.append)
+    runner = Runner(d, RunConfig(tag="s", backend="mlx", max_agent_failures=3), agent,
+                    RemoteTrainer.wrap(Trainer.for_backend("mlx"), pool), pool=pool, out=lines.append)
+    assert run(runner, resume=False) == 3
+    assert any("3 proposals in a row without a usable edit" in line for line in lines)
+    results = ledger_records(d, "result")
+    assert [(x["exp"], x["status"]) for x in results] == [(0, "keep"), (1, "keep")]
+
+
+def test_a_worker_checks_its_bundle_and_its_nodes_data_before_training(tmp_path):
+    """run_job is what a Ray worker executes: a bundle whose protected files do not hash as the
+    runner recorded, or a node without the dataset, never trains; a good one trains there."""
+    from autoresearch import gitops
+    from autoresearch.trainer import Confinement, Trainer
+    from autoresearch.workers import Job, make_bundle, run_job
+    d = tmp_path / "p"
+    make_repo(d)
+    repo = git.Repo(d)
+    protected = gitops.hash_paths(repo)
+    bundle = make_bundle(d)
+    trainer = Trainer.for_backend("mlx")
+    trainer.confinement = Confinement(sandbox="none", reason="test")
+    good = run_job(Job(bundle, protected, trainer, 42, 60, sys.executable))
+    assert good["outcome"].ok and good["outcome"].value == pytest.approx(fake_val_of((d / "train_mlx.py").read_text()))
+    assert "val_bpb:" in good["log"] and good["ran"]["end"] >= good["ran"]["start"]
+
+    forged = dict(protected, **{"prepare.py": "0" * 64})
+    bad = run_job(Job(bundle, forged, trainer, 42, 60, sys.executable))["outcome"]
+    assert not bad.ok and "do not hash as the runner recorded (prepare.py)" in bad.problem
+
+    trainer.confinement = Confinement(sandbox="none", reason="test", readable=(str(tmp_path / "no-such-data"),),
+                                      harness_env={"AUTORESEARCH_DATASET": "climbmix"})
+    missing = run_job(Job(bundle, protected, trainer, 42, 60, sys.executable))["outcome"]
+    assert not missing.ok and "run `uv run prepare.py --dataset climbmix` there" in missing.problem
 
 
 def test_without_workers_ray_is_never_imported(tmp_path):
