@@ -41,14 +41,19 @@ def load_values(args) -> list[float]:
     return noise[-1]["values"]
 
 
-def simulate(values, trials, noise_runs, reruns, confidence, shift_sigmas, normal, seed):
+def sampler(values, normal, seed):
+    """(draw(shift) -> one run's value, mean, std): resampled from the measured values, or a normal fit."""
     rng = random.Random(seed)
     mu, sd = statistics.fmean(values), statistics.stdev(values)
     centred = [v - mu for v in values]
 
     def draw(shift):
         return mu + shift + (rng.gauss(0.0, sd) if normal else rng.choice(centred))
+    return draw, mu, sd
 
+
+def simulate(values, trials, noise_runs, reruns, confidence, shift_sigmas, normal, seed):
+    draw, mu, sd = sampler(values, normal, seed)
     out = {}
     for g in shift_sigmas:
         shift = -g * sd    # lower val_bpb is better: a real gain of g sigma
@@ -75,13 +80,7 @@ def simulate(values, trials, noise_runs, reruns, confidence, shift_sigmas, norma
 
 def simulate_wave(values, trials, noise_runs, reruns, confidence, shift_sigmas, normal, seed, n):
     """Keep rates of a wave of n candidates (one shifted by g sigma, the rest A/A), per wave."""
-    rng = random.Random(seed + 1)
-    mu, sd = statistics.fmean(values), statistics.stdev(values)
-    centred = [v - mu for v in values]
-
-    def draw(shift):
-        return mu + shift + (rng.gauss(0.0, sd) if normal else rng.choice(centred))
-
+    draw, _, sd = sampler(values, normal, seed + 1)
     out = {}
     for g in shift_sigmas:
         shifts = [-g * sd] + [0.0] * (n - 1)
