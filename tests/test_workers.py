@@ -124,6 +124,7 @@ def test_a_wave_run_keeps_the_books_in_order_and_every_candidate_reachable(tmp_p
         assert any(y["ran"]["start"] < x["ran"]["end"] and x["ran"]["start"] < y["ran"]["end"] for y in mates)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_retried_once_then_logged_as_a_crash(tmp_path):
     d = tmp_path / "once"
     make_repo(d)
@@ -147,6 +148,7 @@ def test_a_killed_worker_is_retried_once_then_logged_as_a_crash(tmp_path):
     assert not worker_pids()
 
 
+@pytest.mark.slow
 def test_an_agent_that_keeps_failing_stops_a_wave_run(tmp_path, monkeypatch):
     """The runner in process with a real pool: one usable edit, then proposals that fail. The
     waves decide what they have and the run stops after max_agent_failures, not loops."""
