@@ -245,11 +245,7 @@ def cmd_run(args) -> int:
         pool = Pool(args.workers, args.ray_address, backend)
         trainer = RemoteTrainer.wrap(trainer, pool)
     runner = Runner(root, config, agent, trainer, decisions=decisions, pool=pool)
-    try:
-        return run(runner, resume=args.resume)
-    finally:
-        if pool:
-            pool.shutdown()
+    return run(runner, resume=args.resume)     # run() shuts the pool down
 
 
 def cmd_noise(args) -> int:

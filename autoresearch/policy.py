@@ -102,13 +102,21 @@ class Decisions:
         dup = duplicate_of(r.repo_root, r.training_file, r.ledger.results())
         if dup is None:
             return False
-        status = "invalid" if dup["status"] == "invalid" else "discard"
-        r.out(f"[{exp}] identical to experiment {dup['exp']} ({dup.get('commit_short')}): not re-run, {status}")
-        r._write_result(exp, None, status, f"{description} [identical to #{dup['exp']} {dup.get('commit_short')}: "
-                                           "not re-run]", val_bpb=dup.get("val_bpb"), duplicate_of=dup["exp"],
-                        **fields)
+        status, description, extra = self.duplicate_row(exp, description, dup)
+        r._write_result(exp, None, status, description, **extra, **fields)
         r._reset(best_commit)
         raise AgentFailed(f"the edit reproduced experiment {dup['exp']}'s training file exactly")
+
+    def duplicate_row(self, exp: int, description: str, dup: dict) -> tuple[str, str, dict]:
+        """(status, description, fields) of an edit identical to `dup`: an earlier result, or a
+        candidate still in flight (a wave), which has no status or value yet."""
+        status = "invalid" if dup.get("status") == "invalid" else "discard"
+        short = f" {dup['commit_short']}" if dup.get("commit_short") else ""
+        ran = "not re-run" if "status" in dup else "not run"
+        shown = f" ({dup['commit_short']})" if dup.get("commit_short") else ""
+        self.runner.out(f"[{exp}] identical to experiment {dup['exp']}{shown}: {ran}, {status}")
+        return (status, f"{description} [identical to #{dup['exp']}{short}: {ran}]",
+                {"duplicate_of": dup["exp"], **({"val_bpb": dup["val_bpb"]} if "val_bpb" in dup else {})})
 
     # -- decisions -------------------------------------------------------------------------
     def _pool_sigma(self, exp: int) -> None:
@@ -135,9 +143,10 @@ class Decisions:
                      if line.strip() and not line.startswith("[autoresearch]")), "")
         return "crash", {"reason": outcome.problem + (f": {last[:200]}" if last else "")}
 
-    def screen(self, outcome, rule_name: str) -> tuple[str | None, dict]:
+    def screen(self, outcome, rule_name: str, blob: str | None = None) -> tuple[str | None, dict]:
         """(crash/invalid, fields) for a run that cannot be scored; else (None, the fields
-        every scored result records)."""
+        every scored result records). `blob`: the run's training file, when it is not the one
+        in the working tree (a wave's candidates)."""
         if not outcome.ok:
             return self._failed(outcome)
         problem = self.check(outcome)
@@ -147,7 +156,7 @@ class Decisions:
         r = self.runner
         unigram = {"unigram_bpb": outcome.summary["unigram_bpb"]} \
             if is_finite((outcome.summary or {}).get("unigram_bpb")) else {}
-        return None, {"blob": blob_id(r.repo_root, r.training_file), "decide": rule_name,
+        return None, {"blob": blob or blob_id(r.repo_root, r.training_file), "decide": rule_name,
                       **unigram, **scored_fields(outcome.scored), **self._direction_field()}
 
     def baseline(self, exp: int, outcome) -> tuple[str, dict]:

@@ -32,7 +32,7 @@ from typing import Callable
 from . import gitops
 from .agents import (Agent, AgentFailed, AgentUnavailable, BudgetExhausted, Context, Objective, Proposal,
                      make_digest)
-from .faults import crash_point
+from .faults import crash_point, worker_fault
 from .ledger import Ledger
 from .policy import Decisions
 from .trainer import (SetupError, Trainer, confine, group_alive, harness_info, kernel_key, kill_group,
@@ -448,7 +448,7 @@ class Runner:
         reachable under refs/autoresearch/<tag>/exp-<n>; the branch tip stays the best; the
         wave's rows are written in experiment order once it is decided. Returns the number
         of proposals in a row without a usable edit."""
-        from .decide import blob_id, duplicate_of, gain
+        from .decide import blob_id, duplicate_of
         from .noise import base_seed
         parent = self.best_commit()
         left = None if self.config.max_experiments is None else self.config.max_experiments - self.experiments_done()
@@ -458,7 +458,6 @@ class Runner:
         for _ in range(size):
             if failures >= self.config.max_agent_failures:
                 break
-            self._judge_mark = self._judge_spend()
             exp = max(self.ledger.next_exp(), exp + 1)
             try:
                 if flying:
@@ -484,11 +483,8 @@ class Runner:
                     self.out(f"[{exp}] invalid: {violation}")
                     deferred.append((exp, None, "invalid", f"{proposal.description} [invalid: {violation}]", fields))
                 else:
-                    was = twin or dup
-                    self.out(f"[{exp}] identical to experiment {was['exp']}: not run, discard")
-                    deferred.append((exp, None, "discard", f"{proposal.description} [identical to #{was['exp']}: "
-                                     "not run]", {**fields, "duplicate_of": was["exp"],
-                                                  **({"val_bpb": dup.get("val_bpb")} if dup else {})}))
+                    status, description, extra = self.decisions.duplicate_row(exp, proposal.description, twin or dup)
+                    deferred.append((exp, None, status, description, {**fields, **extra}))
                     failures += 1
                 self._reset(parent)
                 continue
@@ -498,8 +494,7 @@ class Runner:
             crash_point("after_commit", exp)
             self.ledger.append("start", exp=exp, commit=commit, parent=parent, description=proposal.description,
                                cost_usd=proposal.cost_usd, wave=True)
-            job = self.trainer.job_for(self.repo_root, self._timeout(), seed=seed)
-            job.exp, job.die = exp, self._worker_fault(exp)
+            job = self.trainer.job_for(self.repo_root, self._timeout(), seed=seed, exp=exp, die=worker_fault(exp))
             self._reset(parent)
             flying.append(dict(exp=exp, commit=commit, description=proposal.description, blob=blob, fields=fields,
                                agent_meta=proposal.meta, pending=self.pool.submit(job)))
@@ -510,14 +505,6 @@ class Runner:
         if failures >= self.config.max_agent_failures:
             raise RunStopped(f"{failures} proposals in a row without a usable edit: stopping.")
         return failures
-
-    def _worker_fault(self, exp: int) -> int:
-        """AUTORESEARCH_CRASH_AT=worker@N (or worker-twice@N): the worker of experiment N kills
-        itself mid-run once (or on its retry too)."""
-        point, _, at = os.environ.get("AUTORESEARCH_CRASH_AT", "").partition("@")
-        if point in ("worker", "worker-twice") and (not at or int(at) == exp):
-            return 2 if point == "worker-twice" else 1
-        return 0
 
     def _settle(self, flying: list[dict], deferred: list, parent: str, seed: int) -> None:
         """Wait for a wave, decide it, write its rows in experiment order, move the branch."""
@@ -536,23 +523,18 @@ class Runner:
                 (self.repo_root / f"run.exp{c['exp']}.log").write_text(r["log"])
                 shown = f"{c['outcome'].value:.6f}" if c["outcome"].ok else c["outcome"].problem
                 self.out(f"[{c['exp']}] first run: {shown}" + (f" (node {c['node']})" if c.get("node") else ""))
-        best = self.ledger.best()
         best_val = self._best_val()
         direction = self.decisions.direction
         screened = []
         for c in flying:
-            status, extra = self.decisions.screen(c["outcome"], self.decisions.decider.name)
-            if "blob" in extra:            # the candidate's file, not the parent's in the working tree
-                extra["blob"] = c["blob"]
-            c["status"], c["extra"] = status, extra
-            if status is None:
+            c["status"], c["extra"] = self.decisions.screen(c["outcome"], self.decisions.decider.name, blob=c["blob"])
+            if c["status"] is None:
                 screened.append(c)
         winner = min(screened, key=lambda c: -gain(c["outcome"].value, best_val, direction), default=None)
         for c in screened:
-            if c is winner:
-                continue
-            c["status"] = "discard"
-            c["extra"]["decision"] = (f"wave of {len(flying)}: #{winner['exp']} ran better" if winner else "")
+            if c is not winner:
+                c["status"] = "discard"
+                c["extra"]["decision"] = f"wave of {len(flying)}: #{winner['exp']} ran better"
         if winner is not None:
             first = winner["outcome"].value
             if gain(first, best_val, direction) <= 0:
@@ -569,7 +551,7 @@ class Runner:
                                                        None if self.decide is decide_greedy else self.decide,
                                                        seed_offset=1)
                 self.pool.drop_prefetched()
-                if status is None or status in ("crash", "invalid"):
+                if status in ("crash", "invalid"):
                     reason = verdict.pop("invalid_reason", None) or verdict.get("reason") or fresh.problem
                     status, verdict = "discard", {"decision": f"the confirming run failed: {reason}"}
                 verdict["decision"] = (f"best first run of a wave of {len(flying)} ({first:.6f}); confirmed on fresh "
@@ -588,7 +570,6 @@ class Runner:
             description = item["description"]
             if status == "invalid":
                 description = f"{description} [invalid: {extra.pop('invalid_reason')}]"
-            extra.pop("invalid_reason", None)
             self._finish(exp, item["commit"], status, description, item["outcome"], parent=parent, wave=len(flying),
                          **({"node": item["node"]} if item.get("node") else {}),
                          **({"ran": item["ran"]} if item.get("ran") else {}), **item["fields"], **extra)

@@ -251,8 +251,7 @@ def launch(command: list[str], repo_root: Path, log_path: Path, timeout_s: float
                             allow_network=confinement.allow_network, require=confinement.require_sandbox,
                             kind=confinement.sandbox)
         run_env = sb.env({**env, **confinement.harness_env})
-        kernels = _kernel_cache(repo_root, kernel_cache_key, keep=kernel_seed_key)
-        seed = _kernel_cache(repo_root, kernel_seed_key, keep=kernel_cache_key)
+        kernels, seed = _kernel_caches(repo_root, kernel_cache_key, kernel_seed_key)
         start_from = kernels if kernels is not None and kernels.is_dir() else seed
         if start_from is not None and start_from.is_dir():
             shutil.copytree(start_from, private / "scratch" / "tmp" / "mlx", dirs_exist_ok=True, symlinks=True)
@@ -319,22 +318,22 @@ def launch(command: list[str], repo_root: Path, log_path: Path, timeout_s: float
 KERNEL_CACHES_KEPT = 8
 
 
-def _kernel_cache(repo_root: Path, key: str | None, keep: str | None = None) -> Path | None:
-    """Where the MLX kernels of one training file's runs are kept (inside .git, which no
-    sandboxed run can see); the oldest caches beyond KERNEL_CACHES_KEPT are removed, except
-    this one and `keep`."""
-    if key is None:
-        return None
+def _kernel_caches(repo_root: Path, *keys: str | None) -> list[Path | None]:
+    """Where the MLX kernels of each training file's runs are kept (inside .git, which no
+    sandboxed run can see), one path per key (None for None); the oldest caches beyond
+    KERNEL_CACHES_KEPT are removed, except these."""
+    if all(key is None for key in keys):
+        return [None for _ in keys]
     try:
         base = gitops.git_dir_of(repo_root) / "autoresearch-kernels"
     except subprocess.CalledProcessError:
-        return None
+        return [None for _ in keys]
     base.mkdir(exist_ok=True)
     caches = sorted(base.iterdir(), key=lambda p: p.stat().st_mtime)
     for old in caches[:-KERNEL_CACHES_KEPT]:
-        if old.name not in (key, keep):
+        if old.name not in keys:
             shutil.rmtree(old, ignore_errors=True)
-    return base / key
+    return [base / key if key is not None else None for key in keys]
 
 
 def _start_scorer(repo_root: Path, private: Path, env: dict):

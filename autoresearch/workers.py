@@ -159,7 +159,7 @@ class Pool:
         except ImportError:
             raise SetupError("--workers/--ray-address need Ray: uv sync --extra ray") from None
         self.ray, self.out = ray, out
-        self._tmp, self._closed = None, False
+        self._tmp = None
         if address:
             _check_reachable(address)
             try:
@@ -222,12 +222,12 @@ class Pool:
     def submit(self, job: Job) -> Pending:
         return Pending(job, self._remote.remote(job))
 
-    def wait(self, pending: list[Pending], timeout: float | None = None) -> list[Pending]:
-        """The jobs of `pending` that have finished (at least one unless timeout passes)."""
+    def wait(self, pending: list[Pending]) -> list[Pending]:
+        """The jobs of `pending` that have finished: at least one."""
         if not pending:
             return []
         refs = [p.ref for p in pending]
-        done, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
+        done, _ = self.ray.wait(refs, num_returns=1)
         done = set(done)
         return [p for p in pending if p.ref in done]
 
@@ -282,9 +282,6 @@ class Pool:
 
     def shutdown(self) -> None:
         """Stop every worker (their trainers die with their sandboxes) and the local instance."""
-        if self._closed:
-            return
-        self._closed = True
         self.drop_prefetched()
         try:
             self.ray.shutdown()
@@ -317,13 +314,15 @@ class RemoteTrainer(Trainer):
         return dataclasses.replace(self.inner, env={**self.inner.env, **self.env},
                                    confinement=self.confinement, kernel_seed=self.kernel_seed)
 
-    def job_for(self, repo_root: Path, timeout_s: float, seed: int | None = None) -> Job:
+    def job_for(self, repo_root: Path, timeout_s: float, seed: int | None = None, bundle: bytes | None = None,
+                exp: int | None = None, die: int = 0) -> Job:
         seed = int(self.env.get(SEED_ENV, os.environ.get(SEED_ENV, "42"))) if seed is None else seed
-        bundle = make_bundle(repo_root, self.protected_untracked)
-        return self.pool.job(self._inner(), bundle, self.protected, seed, timeout_s)
+        bundle = make_bundle(repo_root, self.protected_untracked) if bundle is None else bundle
+        return self.pool.job(self._inner(), bundle, self.protected, seed, timeout_s, exp=exp, die=die)
 
     def prefetch(self, repo_root: Path, seeds: list[int], timeout_s: float) -> None:
-        self.pool.prefetch([self.job_for(repo_root, timeout_s, seed=s) for s in seeds])
+        bundle = make_bundle(repo_root, self.protected_untracked)
+        self.pool.prefetch([self.job_for(repo_root, timeout_s, seed=s, bundle=bundle) for s in seeds])
 
     def run(self, repo_root: Path, log_path: Path, timeout_s: float, on_spawn=None) -> RunOutcome:
         r = self.pool.run(self.job_for(repo_root, timeout_s))
