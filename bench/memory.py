@@ -8,9 +8,10 @@ version of the file, in the same run on the same data.
 Each version runs in its own process (a fresh allocator and peak counter): its model, optimizer
 and compiled step from the file itself at the profile's settings, a warm-up step (compile),
 then --steps timed micro-steps on the builtin training data; the peak is mx.get_peak_memory()
-over the timed steps. Prints both, and the ratios (now / baseline). The loss path is the change
-measured here: the chunked, fused LM head + cross-entropy keeps O(chunk x vocab) memory where
-autodiff held a dozen (tokens x vocab) tensors. Needs `uv run prepare.py --dataset builtin`.
+over the timed steps. Prints both, and the ratios (now / baseline). The changes measured here:
+the chunked, fused LM head + cross-entropy (O(chunk x vocab) memory where autodiff held a dozen
+(tokens x vocab) tensors), blocked CPU attention and the fused MLP (activations autodiff kept).
+Needs `uv run prepare.py --dataset builtin`.
 """
 from __future__ import annotations
 
