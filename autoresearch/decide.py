@@ -67,16 +67,6 @@ class Greedy:
     name = "greedy"
     sigma = None
 
-    def hopeless(self, runs: list[float], best: Best, direction: str, left: int) -> bool:
-        """True when the `left` runs still to come could not lift the mean over the margin even
-        if they averaged two of their standard errors better than the mean so far: re-runs on
-        the leading candidates only, at almost no cost in power (bench/false_keep.py)."""
-        if left <= 0:
-            return False
-        n = len(runs) + left
-        so_far = gain(statistics.fmean(runs), best.value, direction)
-        return n * so_far + 2 * self.sigma * math.sqrt(left) < n * self.margin(n, best.runs)
-
     def decide(self, value: float, best: Best, rerun: Callable[[int], float | None],
                direction: str = "min") -> Verdict:
         better = gain(value, best.value, direction) > 0

@@ -63,9 +63,15 @@ def measure_one(path: Path, steps: int, loss_streams: int | None) -> dict:
     step = t.make_train_step(model, optimizer, 1)
     loader = prepare.make_dataloader(tokenizer, t.DEVICE_BATCH_SIZE, seq_len, "train", backend="mlx")
     schedule = mx.array([1.0, 0.85, t.WEIGHT_DECAY], dtype=mx.float32)
+    return timed(lambda x, y: step([(x, y)], schedule), loader, steps, [t.DEVICE_BATCH_SIZE, seq_len], dtype)
+
+
+def timed(step, loader, steps: int, micro_batch: list[int], dtype) -> dict:
+    """A warm-up step (compile), then `steps` timed ones: the peak over those, and tokens/s."""
+    import mlx.core as mx
     x, y, _ = next(loader)
     t0 = time.perf_counter()
-    step([(x, y)], schedule)
+    step(x, y)
     warm = time.perf_counter() - t0
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -73,12 +79,12 @@ def measure_one(path: Path, steps: int, loss_streams: int | None) -> dict:
     for _ in range(steps):
         x, y, _ = next(loader)
         t0 = time.perf_counter()
-        step([(x, y)], schedule)
+        step(x, y)
         seconds.append(time.perf_counter() - t0)
-    tokens = t.DEVICE_BATCH_SIZE * seq_len
-    return {"peak_gib": mx.get_peak_memory() / 2 ** 30, "tokens_per_s": tokens * steps / sum(seconds),
-            "step_seconds": seconds, "warmup_seconds": round(warm, 1), "micro_batch": [t.DEVICE_BATCH_SIZE, seq_len],
-            "dtype": str(dtype), "device": str(mx.default_device())}
+    return {"peak_gib": mx.get_peak_memory() / 2 ** 30,
+            "tokens_per_s": micro_batch[0] * micro_batch[1] * steps / sum(seconds), "step_seconds": seconds,
+            "warmup_seconds": round(warm, 1), "micro_batch": micro_batch, "dtype": str(dtype),
+            "device": str(mx.default_device())}
 
 
 def measure_fork(path: Path, steps: int) -> dict:
@@ -127,22 +133,7 @@ def measure_fork(path: Path, steps: int) -> dict:
         optimizer.update(model, grads)
         mx.eval(model.parameters(), *optimizer.state)
 
-    x, y, _ = next(loader)
-    t0 = time.perf_counter()
-    step(x, y)
-    warm = time.perf_counter() - t0
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    seconds = []
-    for _ in range(steps):
-        x, y, _ = next(loader)
-        t0 = time.perf_counter()
-        step(x, y)
-        seconds.append(time.perf_counter() - t0)
-    tokens = ours.DEVICE_BATCH_SIZE * seq_len
-    return {"peak_gib": mx.get_peak_memory() / 2 ** 30, "tokens_per_s": tokens * steps / sum(seconds),
-            "step_seconds": seconds, "warmup_seconds": round(warm, 1), "micro_batch": [ours.DEVICE_BATCH_SIZE, seq_len],
-            "dtype": str(dtype), "device": str(mx.default_device())}
+    return timed(step, loader, steps, [ours.DEVICE_BATCH_SIZE, seq_len], dtype)
 
 
 def run_child(path: Path, steps: int, env: dict, loss_streams: int | None = None, fork: bool = False) -> dict:
