@@ -15,6 +15,7 @@ Two rules, chosen with `autoresearch run --decide`:
                The kept value is that mean, so the best is never one lucky run: the value to
                beat is a mean, and the next comparison's margin is narrower for it.
                (--reruns 0: one run, kept when better by t * sigma * sqrt(1 + 1/n_best).)
+               Re-runs stop early once the candidate is out of reach (NoiseAware.hopeless).
            sigma is pooled: the noise floor's runs, then the re-runs of every experiment of
            the run (each re-run set is an unselected sample of its own file: the first run,
            picked for being better, is left out), so sigma sharpens and t shrinks as the

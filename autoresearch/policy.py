@@ -73,7 +73,7 @@ class Decisions:
     def describe(self) -> str:
         if isinstance(self.decider, NoiseAware):
             return (f"noise-aware (sigma {self.decider.sigma:.6f}, confidence {self.confidence}, "
-                    f"{self.reruns} re-runs of every apparent gain)")
+                    f"up to {self.reruns} re-runs of every apparent gain)")
         if self.rule == "noise":
             return f"noise-aware (noise floor measured on the baseline: {self.noise_runs} runs)"
         return "greedy (strictly better)"

@@ -40,13 +40,18 @@ sys.path.insert(0, str(REPO))
 BASELINE = "ac3e69e"  # the last commit whose train_mlx.py took autodiff-free but unchunked logits
 
 
+def load_trainer(path: Path):
+    spec = importlib.util.spec_from_file_location("trainer_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def measure_one(path: Path, steps: int, loss_streams: int | None) -> dict:
     """One training file's step: peak bytes and tokens/s (run in a child process)."""
     import mlx.core as mx
 
-    spec = importlib.util.spec_from_file_location("trainer_under_test", path)
-    t = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(t)
+    t = load_trainer(path)
     if loss_streams and hasattr(t, "_LOSS_STREAMS"):  # the chunked loss's CPU streams, by hand
         t._LOSS_STREAMS[:] = [mx.new_stream(mx.default_device()) for _ in range(loss_streams)]
     import prepare
@@ -90,13 +95,13 @@ def timed(step, loader, steps: int, micro_batch: list[int], dtype) -> dict:
 def measure_fork(path: Path, steps: int) -> dict:
     """The fork's training step (run in a child process), at our model size and micro-batch."""
     import types
+    from dataclasses import asdict
 
     import mlx.core as mx
     from mlx.utils import tree_map
 
     import prepare
-    ours = importlib.util.module_from_spec(importlib.util.spec_from_file_location("ours", REPO / "train_mlx.py"))
-    ours.__spec__.loader.exec_module(ours)
+    ours = load_trainer(REPO / "train_mlx.py")
     source = path.read_text()
     cut = source.find("\nt_start = time.time()")
     if cut < 0:
@@ -113,10 +118,7 @@ def measure_fork(path: Path, steps: int) -> dict:
     tokenizer = prepare.Tokenizer.from_directory()
     seq_len = prepare.PROFILE.seq_len
     dtype = mx.bfloat16 if mx.default_device() == mx.gpu else mx.float32
-    dim = ((ours.DEPTH * ours.ASPECT_RATIO + ours.HEAD_DIM - 1) // ours.HEAD_DIM) * ours.HEAD_DIM
-    config = fork["GPTConfig"](sequence_len=seq_len, vocab_size=tokenizer.get_vocab_size(), n_layer=ours.DEPTH,
-                               n_head=dim // ours.HEAD_DIM, n_kv_head=dim // ours.HEAD_DIM, n_embd=dim,
-                               window_pattern=ours.WINDOW_PATTERN)
+    config = fork["GPTConfig"](**asdict(ours.build_model_config(ours.DEPTH, seq_len, tokenizer.get_vocab_size())))
     mx.random.seed(0)
     model = fork["GPT"](config)
     model.init_weights()
