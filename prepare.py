@@ -81,7 +81,7 @@ class Profile:
 PROFILES = {
     "standard": Profile("standard", MAX_SEQ_LEN, TIME_BUDGET, EVAL_TOKENS),
     "quick": Profile("quick", MAX_SEQ_LEN, TIME_BUDGET, 4 * 524288),
-    "cpu": Profile("cpu", 256, 120, 256 * 256),
+    "cpu": Profile("cpu", 256, 75, 256 * 256),
     "smoke": Profile("smoke", 256, 15, 64 * 256),
 }
 

@@ -69,7 +69,7 @@ def test_profiles():
     p = prepare.PROFILES
     assert (p["standard"].seq_len, p["standard"].time_budget, p["standard"].eval_tokens) == (2048, 300, 20971520)
     assert (p["quick"].seq_len, p["quick"].time_budget, p["quick"].eval_tokens) == (2048, 300, 2097152)
-    assert (p["cpu"].seq_len, p["cpu"].time_budget, p["cpu"].eval_tokens) == (256, 120, 65536)
+    assert (p["cpu"].seq_len, p["cpu"].time_budget, p["cpu"].eval_tokens) == (256, 75, 65536)
     assert (p["smoke"].seq_len, p["smoke"].time_budget, p["smoke"].eval_tokens) == (256, 15, 16384)
     assert prepare.get_profile("quick") is p["quick"]
     with pytest.raises(prepare.HarnessError, match="valid profiles: standard, quick, cpu, smoke"):
