@@ -201,6 +201,24 @@ def test_chunked_lm_head_loss_matches_autodiff(monkeypatch, compiled):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
+def test_fast_exp_and_tanh_match_the_library(compiled):
+    """The CPU loss's multiply-add exp: within 2e-5 relative of exp on [-32, 32] (the loss needs
+    [-30, 0] and tanh's [-32, 32]), clamped, never inf or negative, past it; its tanh within 4e-6
+    everywhere, exactly +-1 far out."""
+    x = np.linspace(-32, 32, 200_001).astype(np.float32)
+    fast_exp = mx.compile(train_mlx.fast_exp) if compiled else train_mlx.fast_exp
+    got = np.array(fast_exp(mx.array(x))).astype(np.float64)
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 2e-5
+    far = np.array(fast_exp(mx.array([-1e4, -100.0, 100.0, 1e4], dtype=mx.float32)))
+    assert np.all(np.isfinite(far)) and np.all(far > 0) and far[0] < 2e-14 and far[-1] > 7e13
+    z = np.concatenate([np.linspace(-20, 20, 100_001), [-1e6, 1e6]]).astype(np.float32)
+    t = np.array(train_mlx.tanh(mx.array(z))).astype(np.float64)   # the fast_exp form on a CPU
+    assert np.max(np.abs(t - np.tanh(z.astype(np.float64)))) < 4e-6
+    assert t[-2] == -1.0 and t[-1] == 1.0
+
+
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16])
 def test_relu2_mlp_matches_autodiff(compiled, dtype):
     """Output and the gradients of the input and both weights equal autodiff of the plain
