@@ -139,7 +139,7 @@ def _blocked_attention_vjp(primals, cotangents, outputs):
 
 
 # Rows of logits alive at a time, per stream. A CPU streams each elementwise pass over a chunk
-# through memory: 256 x 8192 float32 (8 MiB) stays in cache, 2048 rows ran the cpu step 1.5x slower.
+# through memory: 256 x 8192 float32 (8 MiB) stays in cache; 2048 rows ran the cpu loss 1.5x slower.
 LOSS_CHUNK = 256 if mx.default_device() == mx.cpu else 2048
 _LOSS_STREAMS = []
 
