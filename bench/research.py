@@ -47,7 +47,7 @@ from autoresearch.integrity import check_summary  # noqa: E402
 from autoresearch.noise import measure  # noqa: E402
 from autoresearch.policy import Decisions  # noqa: E402
 from autoresearch.runner import RunConfig, Runner, run  # noqa: E402
-from autoresearch.trainer import Trainer, confine, harness_info, timeout_for  # noqa: E402
+from autoresearch.trainer import Trainer, confine, harness_info, kernel_key, timeout_for  # noqa: E402
 
 TRAINING_FILE = "train_mlx.py"
 HARNESS_FILES = ("prepare.py", "harness", "program.md", TRAINING_FILE)
@@ -102,6 +102,17 @@ def checkout(path: Path, training_text: str) -> Path:
     return path
 
 
+def share_kernels(src: Path, dst: Path, key: str) -> None:
+    """Give checkout `dst` the compiled kernels of the file with kernel_key `key` that `src`'s
+    runs built, so its first run of that file skips MLX's ~55 s CPU compile. Only for the
+    start file, which the benchmark wrote: kernels of an agent's file never cross checkouts."""
+    built = src / ".git" / "autoresearch-kernels" / key
+    target = dst / ".git" / "autoresearch-kernels" / key
+    if built.is_dir() and not target.exists():
+        target.parent.mkdir(exist_ok=True)
+        shutil.copytree(built, target, symlinks=True)
+
+
 def commit(path: Path, message: str) -> None:
     import git
     repo = git.Repo.init(path, initial_branch="master")
@@ -121,6 +132,7 @@ class FreshScores:
         self.seeds = seeds
         self.cache = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.scratch = workdir / "rescore"
+        self.kernel_seed: str | None = None   # kernel_key of the start: each new file's first run begins from its kernels
 
     def of(self, text: str, label: str) -> list[float]:
         key = f"{blob_hash(text)}:{self.seeds}"
@@ -130,6 +142,7 @@ class FreshScores:
         (root / TRAINING_FILE).write_text(text)
         commit(root, label)
         trainer = Trainer.for_backend("mlx")
+        trainer.kernel_seed = self.kernel_seed
         harness = harness_info(root)
         confine(trainer, harness)
         t0 = time.time()
@@ -168,11 +181,13 @@ def run_arm(args, workdir: Path, scores: FreshScores) -> dict:
     if args.resume and not (root / "ledger.jsonl").exists():
         sys.exit(f"--resume: {root} holds no interrupted arm {tag}; run the arm without --resume.")
     start_fresh = scores.of(start, "start")
+    scores.kernel_seed = kernel_key(start.encode())
     ref_fresh = start_fresh if args.arm == "aa" else scores.of(reference, "reference")
 
     rule = "greedy" if args.arm == "greedy" else "noise"
     if not args.resume:
         checkout(root, start)
+        share_kernels(scores.scratch, root, scores.kernel_seed)
         if rule == "noise":   # the start's fresh runs are the loop's noise floor
             seed_noise_floor(root, start_fresh)
     agent = CommentAgent() if args.arm == "aa" else make_agent(args.agent)

@@ -61,3 +61,35 @@ def test_a_resumed_arm_counts_only_the_minutes_its_loop_ran(tmp_path):
     with pytest.raises(SystemExit, match="--resume"):
         research.main(["--arm", "greedy", "--resume", "--seeds", "1", "--workdir", str(tmp_path / "none"),
                        "--profile", "smoke"])
+
+
+def test_rescoring_and_the_loop_start_from_the_start_files_kernels(tmp_path, monkeypatch):
+    """Every re-scored file's first run, and the loop's baseline, begin from the start's
+    compiled kernels (each cold compile costs a cpu run ~55 s); the start's own cache is the
+    only one shared, and only into a checkout that lacks it."""
+    text = (REPO / "train_mlx.py").read_text()
+    seen = []
+
+    def fake_measure(trainer, root, runs, timeout, **kw):
+        seen.append(trainer.kernel_seed)
+        built = root / ".git" / "autoresearch-kernels" / research.kernel_key((root / "train_mlx.py").read_bytes())
+        built.mkdir(parents=True, exist_ok=True)
+        (built / "kernel.so").write_text(f"built from {len(seen)}")
+        return [2.5] * runs, list(range(runs)), []
+
+    monkeypatch.setattr(research, "measure", fake_measure)
+    scores = research.FreshScores(tmp_path, 2)
+    start = research.plant(text, ["lr"])
+    scores.of(start, "start")
+    scores.kernel_seed = research.kernel_key(start.encode())
+    scores.of(text, "reference")
+    assert seen == [None, research.kernel_key(start.encode())]
+
+    loop = research.checkout(tmp_path / "loop", start)
+    research.share_kernels(scores.scratch, loop, scores.kernel_seed)
+    shared = loop / ".git" / "autoresearch-kernels" / scores.kernel_seed / "kernel.so"
+    assert shared.read_text() == "built from 1"
+    shared.write_text("the loop's own")
+    research.share_kernels(scores.scratch, loop, scores.kernel_seed)
+    assert shared.read_text() == "the loop's own"
+    assert sorted(p.name for p in (loop / ".git" / "autoresearch-kernels").iterdir()) == [scores.kernel_seed]
