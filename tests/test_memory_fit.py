@@ -105,15 +105,19 @@ def estimated_gib(stdout):
 
 @pytest.mark.slow
 def test_train_mlx_lowers_the_micro_batch_to_fit_a_cap(builtin_cache):
-    """The smoke run's step (8 rows of 256 tokens) under a cap just below its own estimate: the
-    trainer runs 4-row micro-steps, twice per optimizer step, and still trains the same tokens."""
+    """The smoke run's step (8 rows of 256 tokens) under a cap a quarter below its own estimate: the
+    trainer runs 4-row micro-steps, twice per optimizer step, and still trains the same tokens.
+    The estimate is extrapolated from two measured peaks and varied by up to 7% between runs
+    (0.42-0.47 GiB on the 2-core box) while a 4-row step measured ~0.24 GiB, so the cap sits
+    between them with room for that noise on both sides."""
     free = run_trainer("train_mlx.py", builtin_cache, cap_gb=64)
     assert free.returncode == 0, free.stdout[-2000:] + free.stderr[-2000:]
     full, line = estimated_gib(free.stdout)
     assert "(estimated) of 64.0 GiB allowed (AUTORESEARCH_MEMORY_GB)" in line
     assert "gradient accumulation steps: 1" in free.stdout
 
-    capped = run_trainer("train_mlx.py", builtin_cache, cap_gb=round(0.97 * full / memory.HEADROOM, 3))
+    cap_gb = round(0.75 * full / memory.HEADROOM, 3)
+    capped = run_trainer("train_mlx.py", builtin_cache, cap_gb=cap_gb)
     assert capped.returncode == 0, capped.stdout[-2000:] + capped.stderr[-2000:]
     _, line = estimated_gib(capped.stdout)
     assert line.startswith("Memory: DEVICE_BATCH_SIZE 8 -> 4: a step of 8 rows would need"), line
@@ -122,4 +126,4 @@ def test_train_mlx_lowers_the_micro_batch_to_fit_a_cap(builtin_cache):
     tokens = float(re.search(r"^total_tokens_M:\s+([0-9.]+)", capped.stdout, re.M).group(1))
     assert tokens == pytest.approx(steps * 8 * 256 / 1e6, abs=0.051)
     peak_mb = float(re.search(r"^peak_vram_mb:\s+([0-9.]+)", capped.stdout, re.M).group(1))
-    assert peak_mb * 2 ** 20 <= 0.97 * full * GiB  # the true peak of the run stayed under the cap
+    assert peak_mb * 2 ** 20 <= memory.HEADROOM * cap_gb * GiB  # the true peak stayed within the planned budget
