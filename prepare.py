@@ -571,7 +571,7 @@ def evaluate_bpb(model, tokenizer, batch_size, backend=None):
     and scores the hidden slice for the runner alone.
     """
     backend = backend or _model_backend(model)
-    with eval_kernels.buffer_cache(backend, batch_size * PROFILE.seq_len * tokenizer.get_vocab_size() * 4):
+    with eval_kernels.buffer_cache(backend, batch_size * PROFILE.seq_len, tokenizer.get_vocab_size()):
         if os.environ.get(SCORER_FD_ENV):
             return _evaluate_with_scorer(model, batch_size, backend)
         return _evaluate_in_process(model, tokenizer, batch_size, backend)
