@@ -117,7 +117,7 @@ def add_decision_args(r) -> None:
     g.add_argument("--confidence", type=float, default=0.95,
                    help="one-sided confidence a keep needs under --decide noise (default 0.95)")
     g.add_argument("--reruns", type=int, default=2, metavar="N",
-                   help="re-runs of a candidate better than the best, fewer once it is out of reach or settled "
+                   help="re-runs of a candidate better than the best, fewer once it is out of reach "
                         "(default 2; 0: one run decides)")
     g.add_argument("--noise-runs", type=int, default=5, metavar="K",
                    help="baseline runs that measure the noise floor when the ledger has none (default 5)")

@@ -15,8 +15,7 @@ Two rules, chosen with `autoresearch run --decide`:
                The kept value is that mean, so the best is never one lucky run: the value to
                beat is a mean, and the next comparison's margin is narrower for it.
                (--reruns 0: one run, kept when better by t * sigma * sqrt(1 + 1/n_best).)
-               Re-runs stop early once the candidate is out of reach (NoiseAware.hopeless), or
-               once its keep is settled whatever the runs left would show (NoiseAware.assured).
+               Re-runs stop early once the candidate is out of reach (NoiseAware.hopeless).
            sigma is pooled: the noise floor's runs, then the re-runs of every experiment of
            the run (each re-run set is an unselected sample of its own file: the first run,
            picked for being better, is left out), so sigma sharpens and t shrinks as the
@@ -123,18 +122,6 @@ class NoiseAware:
         so_far = gain(statistics.fmean(runs), best.value, direction)
         return n * so_far + 2 * self.sigma * math.sqrt(left) < n * self.margin(n, best.runs)
 
-    def assured(self, runs: list[float], best: Best, direction: str, left: int) -> bool:
-        """True when the runs so far already keep the candidate and the `left` runs still to come
-        could not take it below the margin even if they averaged three of their standard errors
-        worse than the mean so far: a clear gain is not re-run to confirm what is settled. Three,
-        not two as in `hopeless`: a keep settled early costs more than a discard (bench/false_keep.py)."""
-        if left <= 0 or len(runs) < 2:     # the first run alone was picked for being better
-            return False
-        n = len(runs) + left
-        so_far = gain(statistics.fmean(runs), best.value, direction)
-        return (so_far >= self.margin(len(runs), best.runs)
-                and n * so_far - 3 * self.sigma * math.sqrt(left) >= n * self.margin(n, best.runs))
-
     def decide(self, value: float, best: Best, rerun: Callable[[int], float | None],
                direction: str = "min") -> Verdict:
         first_gain = gain(value, best.value, direction)
@@ -148,16 +135,14 @@ class NoiseAware:
                 return Verdict("discard", statistics.fmean(runs), runs, seeds,
                                reason=f"re-run {i} crashed: a change that does not run reliably is not kept")
             runs.append(v)
-            left = self.reruns - i
-            if self.hopeless(runs, best, direction, left) or self.assured(runs, best, direction, left):
+            if self.hopeless(runs, best, direction, self.reruns - i):
                 break
         mean = statistics.fmean(runs)
         mean_gain = gain(mean, best.value, direction)
         need = self.margin(len(runs), best.runs)
         status = "keep" if mean_gain >= need else "discard"
         what = f"mean of {len(runs)} runs" if len(runs) > 1 else "one run"
-        stopped = (f"; re-runs stopped early: {'settled' if status == 'keep' else 'out of reach'}"
-                   if len(runs) <= self.reruns else "")
+        stopped = "; re-runs stopped early: out of reach" if len(runs) <= self.reruns else ""
         return Verdict(status, mean, runs, seeds,
                        reason=f"{what} better by {mean_gain:.6g} {'>=' if status == 'keep' else '<'} {need:.6g} "
                               f"(t={self.z:.2f}, sigma={self.sigma:.6g}){stopped}")

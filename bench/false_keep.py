@@ -105,6 +105,32 @@ def simulate_wave(values, trials, noise_runs, reruns, confidence, shift_sigmas, 
     return out
 
 
+def simulate_after_keep(values, trials, noise_runs, reruns, confidence, shift_sigmas, normal, seed, first_gain):
+    """The decision after a keep: a first candidate with a clear gain (first_gain sigma) is
+    judged against the baseline; where kept, its verdict (mean and runs) becomes the best, and
+    a second candidate g sigma better than the first is judged against it. The best then
+    stands on the first candidate's runs, not the baseline's, so this is where a rule that
+    re-runs keeps less shows its cost (the next margin is wider)."""
+    draw, _, sd = sampler(values, normal, seed + 2)
+    out = {}
+    for g in shift_sigmas:
+        first_kept = second_kept = runs = 0
+        for _ in range(trials):
+            base_runs = [draw(0.0) for _ in range(noise_runs)]
+            rule = NoiseAware(statistics.stdev(base_runs), confidence, reruns, df=noise_runs - 1)
+            s1, s2 = -first_gain * sd, -(first_gain + g) * sd
+            first = rule.decide(draw(s1), Best(statistics.fmean(base_runs), noise_runs), lambda i: draw(s1))
+            runs += len(first.runs)
+            if first.status != "keep":
+                continue
+            first_kept += 1
+            second = rule.decide(draw(s2), Best(first.value, len(first.runs)), lambda i: draw(s2))
+            runs += len(second.runs)
+            second_kept += second.status == "keep"
+        out[g] = {"kept": second_kept / max(first_kept, 1), "runs": runs / trials}
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -119,6 +145,8 @@ def main(argv=None):
     p.add_argument("--normal", action="store_true", help="draw from a normal fit instead of resampling")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parallel", type=int, default=4, metavar="N", help="candidates per wave (0: skip the waves)")
+    p.add_argument("--after-keep", type=float, default=None, metavar="G",
+                   help="also judge a second candidate after a first one G sigma better was kept")
     args = p.parse_args(argv)
     values = load_values(args)
     if len(values) < 3:
@@ -156,6 +184,15 @@ def main(argv=None):
             print(f"A/A keep rate per candidate in waves of {n}: {per:.4f} {verdict} the sequential rule's "
                   f"{aa['noise']:.4f} per experiment; per decision (a wave vs one experiment): {w['confirmed']:.4f} "
                   f"+- {se:.4f} vs {aa['noise']:.4f}; keeping the wave's best on its selected run: {w['naive']:.4f}")
+    if args.after_keep is not None:
+        after = simulate_after_keep(values, args.trials, args.noise_runs, args.reruns, args.confidence,
+                                    args.gains, args.normal, args.seed, args.after_keep)
+        print(f"\nAFTER A KEEP: a first candidate {args.after_keep:g} sigma better than the baseline, kept; then a "
+              "second one judged against it (keep rate of the second, given the first was kept; runs of both)")
+        print(f"{'real gain':>10}  {'second kept':>11}  {'runs of both':>12}")
+        for g, r in after.items():
+            label = "A/A" if g == 0 else f"{g:g} sigma"
+            print(f"{label:>10}  {r['kept']:>11.4f}  {r['runs']:>12.2f}")
 
 if __name__ == "__main__":
     main()
