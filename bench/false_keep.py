@@ -17,6 +17,10 @@ does: the best first run of the wave is confirmed by a fresh run that goes throu
 per candidate against the sequential rule's, and what keeping the wave's best on its own
 (selected) first run would do: the bias the confirmation removes. With a planted gain, one
 candidate of the wave has it and the others are A/A.
+
+--after-keep G judges a second candidate against a first one, G sigma better than the
+baseline, that was kept: the best is then the kept candidate's mean, on its runs, which is
+what a rule that re-runs keeps fewer times pays for in the next decision.
 """
 from __future__ import annotations
 
@@ -193,6 +197,7 @@ def main(argv=None):
         for g, r in after.items():
             label = "A/A" if g == 0 else f"{g:g} sigma"
             print(f"{label:>10}  {r['kept']:>11.4f}  {r['runs']:>12.2f}")
+
 
 if __name__ == "__main__":
     main()
