@@ -314,15 +314,21 @@ def git_repo(d):
     return repo
 
 
+def false_keep_bench():
+    """bench/false_keep.py as a module (bench/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("false_keep", Path(__file__).parent.parent / "bench" / "false_keep.py")
+    fk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fk)
+    return fk
+
+
 def test_waves_confirm_on_a_fresh_run_so_best_of_n_is_not_a_false_keep():
     """bench/false_keep.py's wave simulation (what run --workers N does): keeping the wave's
     best on its own selected first run keeps no-op candidates about twice as often as one
     experiment's rule; the fresh confirming run brings it back to the sequential rate per
     wave, a quarter of it per candidate."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("false_keep", Path(__file__).parent.parent / "bench" / "false_keep.py")
-    fk = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fk)
+    fk = false_keep_bench()
     values = [2.4221, 2.4650, 2.4573, 2.4664, 2.4536]
     _, _, seq = fk.simulate(values, 6000, 5, 2, 0.95, [0.0], True, 0)
     wave = fk.simulate_wave(values, 6000, 5, 2, 0.95, [0.0], True, 0, 4)[0.0]
@@ -335,10 +341,7 @@ def test_after_a_keep_the_best_stands_on_the_keeps_runs():
     """bench/false_keep.py --after-keep: once a clear gain is kept, the next edit is judged
     against a best measured 3 times, not the baseline's 5, so the same real gain is kept less
     often than against the baseline, and a no-op is still kept rarely."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("false_keep", Path(__file__).parent.parent / "bench" / "false_keep.py")
-    fk = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fk)
+    fk = false_keep_bench()
     values = [2.4213, 2.4014, 2.3953, 2.4212, 2.4215]
     _, _, first = fk.simulate(values, 4000, 5, 2, 0.95, [2.0], True, 0)
     after = fk.simulate_after_keep(values, 4000, 5, 2, 0.95, [0.0, 2.0], True, 0, 5.0)
