@@ -37,7 +37,7 @@ from typing import NamedTuple
 import numpy as np
 
 from harness import devices, download, errors, eval_kernels, integrity, prefetch, tokenizer_training, unigram
-from harness.blas import use_tuned_blas  # noqa: F401  (train_mlx.py calls it before importing MLX)
+from harness.blas import set_blas_threads, use_tuned_blas  # noqa: F401  (train_mlx.py: the CPU's BLAS)
 from harness.devices import apple_gpu_cores, gpu_expected, peak_flops, peak_source  # noqa: F401  (trainers' MFU)
 from harness.download import MAX_SHARD, VAL_SHARD
 from harness.errors import HarnessError

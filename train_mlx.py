@@ -23,7 +23,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from prepare import (PROFILE, SEED, Tokenizer, apple_gpu_cores, ensure_prepared, evaluate_bpb, fit_device_batch,
-                     make_dataloader, memory_limit, peak_flops, peak_source, profile_line, summary_fields)
+                     make_dataloader, memory_limit, peak_flops, peak_source, profile_line, set_blas_threads,
+                     summary_fields)
 
 try:  # custom Metal attention kernels (forward + backward); absent or unused off Metal
     import metal_kernels
@@ -732,6 +733,7 @@ FINAL_LR_FRAC = 0.0     # final LR as fraction of initial
 # Model size
 DEPTH = 4               # number of transformer layers (upstream: 8 on an H100)
 DEVICE_BATCH_SIZE = 16  # sequences per micro-step (lowered at start-up if a step would not fit memory)
+BLAS_THREADS = 0        # a CPU's BLAS threads (0: the library's default, one per core)
 
 # The cpu profile (the default on a CPU: 75 s, 256-token rows): dim 64 and small steps. A CPU
 # trains ~5K tokens/s here (the vocab-wide loss dominates), so the number of steps counts most.
@@ -742,6 +744,7 @@ if PROFILE.name == "cpu":
     HEAD_DIM = 64
     TOTAL_BATCH_SIZE = 2**12
     DEVICE_BATCH_SIZE = 16
+    BLAS_THREADS = 1  # dim-64 matmuls: a second BLAS thread only takes a core from the loss streams
     EMBEDDING_LR *= 0.25
     MATRIX_LR *= 3
     SCALAR_LR *= 0.125
@@ -838,6 +841,9 @@ def main():
     dtype_name = "bf16" if compute_dtype == mx.bfloat16 else "fp32"
     seq_len, time_budget = PROFILE.seq_len, PROFILE.time_budget
     print(profile_line(on_gpu()))
+    blas_line = None if on_gpu() else set_blas_threads(BLAS_THREADS)
+    if blas_line:
+        print(blas_line)
 
     tokenizer = Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()

@@ -102,3 +102,21 @@ def use_tuned_blas():
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
+
+
+def set_blas_threads(n):
+    """Caps the preloaded OpenBLAS or MKL at n threads (0 or None: leave its default, one per
+    core); returns a line saying what was set, or None where neither is loaded (macOS, CUDA).
+
+    Why: on a CPU the trainer's loss already runs on parallel MLX streams; a small model's
+    matmuls gain little from a second BLAS thread, whose spin-waiting takes a core from them.
+    """
+    if not n or sys.platform != "linux":
+        return None
+    import ctypes
+    loaded = ctypes.CDLL(None)  # the process's global symbols, the LD_PRELOADed BLAS among them
+    for setter in ("openblas_set_num_threads", "MKL_Set_Num_Threads"):
+        if hasattr(loaded, setter):
+            getattr(loaded, setter)(ctypes.c_int(n))
+            return f"blas: {n} thread{'s' if n > 1 else ''} ({setter})"
+    return None

@@ -344,6 +344,27 @@ def test_detects_bundled_reference_blas():
         assert override in (None, "SkylakeX", "Haswell")
 
 
+
+@pytest.mark.skipif(sys.platform != "linux" or not (blas.find_tuned_blas() or "").endswith("libopenblas.so.0"),
+                    reason="needs a system OpenBLAS to preload")
+def test_blas_threads_caps_the_preloaded_openblas():
+    probe = ("import ctypes, sys; from harness.blas import set_blas_threads; "
+             "line = set_blas_threads(int(sys.argv[1])); "
+             "print(line, ctypes.CDLL(None).openblas_get_num_threads())")
+    env = dict(os.environ, LD_PRELOAD=blas.find_tuned_blas(), OPENBLAS_NUM_THREADS="2")
+
+    def run(n):
+        return subprocess.run([sys.executable, "-c", probe, str(n)], cwd=REPO, env=env,
+                              capture_output=True, text=True, check=True).stdout.split()
+    assert run(1) == ["blas:", "1", "thread", "(openblas_set_num_threads)", "1"]
+    assert run(0) == ["None", "2"]  # 0 leaves the library's own count
+    no_blas = dict(os.environ)
+    no_blas.pop("LD_PRELOAD", None)
+    r = subprocess.run([sys.executable, "-c", "from harness.blas import set_blas_threads; print(set_blas_threads(1))"],
+                       cwd=REPO, env=no_blas, capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "None"  # MLX's bundled reference BLAS has no threads to cap
+
+
 def test_bf16_layout_trains():
     # What a GPU run uses (bf16 activations, matmuls and Muon; float32 parameters), emulated on this CPU.
     # Eager: compiled CPU kernels would only cost JIT time here and say nothing about a GPU.
