@@ -841,9 +841,6 @@ def main():
     dtype_name = "bf16" if compute_dtype == mx.bfloat16 else "fp32"
     seq_len, time_budget = PROFILE.seq_len, PROFILE.time_budget
     print(profile_line(on_gpu()))
-    blas_line = None if on_gpu() else set_blas_threads(BLAS_THREADS)
-    if blas_line:
-        print(blas_line)
 
     tokenizer = Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()
@@ -891,6 +888,9 @@ def main():
         print(f"Peak FLOP/s for MFU: measured {dtype_name} matmul on {device}: {peak / 1e9:.1f} GFLOP/s")
     else:
         print(f"Peak FLOP/s for MFU: {peak_source(device, dtype_name, gpu_cores)}")
+    blas_line = None if on_gpu() else set_blas_threads(BLAS_THREADS)  # after the peak: MFU is of the whole CPU
+    if blas_line:
+        print(blas_line)
     print(choose_attention(model, compute_dtype))
     print(f"Time budget: {time_budget}s | gradient accumulation steps: {grad_accum_steps}")
 
