@@ -103,7 +103,6 @@ def use_tuned_blas():
     os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
-
 def set_blas_threads(n):
     """Caps the preloaded OpenBLAS or MKL at n threads (0 or None: leave its default, one per
     core); returns a line saying what was set, or None where neither is loaded (macOS, CUDA).
