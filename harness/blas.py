@@ -1,9 +1,10 @@
-"""Linux CPU speed for MLX (used by train_mlx.py through prepare.use_tuned_blas).
+"""Linux CPU speed for MLX (used by train_mlx.py through prepare.use_tuned_blas and set_blas_threads).
 
 MLX's Linux wheel bundles the netlib reference BLAS, about 50x slower at matmul than a
 tuned one. When OpenBLAS or MKL is installed we re-run the calling script once with it
 preloaded (LD_PRELOAD wins symbol lookup over the bundled library). Opt out with
 AUTORESEARCH_BLAS=bundled, or name a library with AUTORESEARCH_BLAS=/path/to/libopenblas.so.0.
+The trainer's BLAS_THREADS then caps that library's threads (set_blas_threads).
 """
 import os
 import sys
