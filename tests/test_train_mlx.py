@@ -344,25 +344,21 @@ def test_detects_bundled_reference_blas():
         assert override in (None, "SkylakeX", "Haswell")
 
 
-
 @pytest.mark.skipif(sys.platform != "linux" or not (blas.find_tuned_blas() or "").endswith("libopenblas.so.0"),
                     reason="needs a system OpenBLAS to preload")
 def test_blas_threads_caps_the_preloaded_openblas():
     probe = ("import ctypes, sys; from harness.blas import set_blas_threads; "
              "line = set_blas_threads(int(sys.argv[1])); "
-             "print(line, ctypes.CDLL(None).openblas_get_num_threads())")
-    env = dict(os.environ, LD_PRELOAD=blas.find_tuned_blas(), OPENBLAS_NUM_THREADS="2")
+             "print(line, getattr(ctypes.CDLL(None), 'openblas_get_num_threads', str)())")
+    preloaded = dict(os.environ, LD_PRELOAD=blas.find_tuned_blas(), OPENBLAS_NUM_THREADS="2")
+    bundled = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
 
-    def run(n):
+    def run(n, env):
         return subprocess.run([sys.executable, "-c", probe, str(n)], cwd=REPO, env=env,
                               capture_output=True, text=True, check=True).stdout.split()
-    assert run(1) == ["blas:", "1", "thread", "(openblas_set_num_threads)", "1"]
-    assert run(0) == ["None", "2"]  # 0 leaves the library's own count
-    no_blas = dict(os.environ)
-    no_blas.pop("LD_PRELOAD", None)
-    r = subprocess.run([sys.executable, "-c", "from harness.blas import set_blas_threads; print(set_blas_threads(1))"],
-                       cwd=REPO, env=no_blas, capture_output=True, text=True, check=True)
-    assert r.stdout.strip() == "None"  # MLX's bundled reference BLAS has no threads to cap
+    assert run(1, preloaded) == ["blas:", "1", "thread", "(openblas_set_num_threads)", "1"]
+    assert run(0, preloaded) == ["None", "2"]  # 0 leaves the library's own count
+    assert run(1, bundled) == ["None"]  # MLX's bundled reference BLAS has no threads to cap
 
 
 def test_bf16_layout_trains():
