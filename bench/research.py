@@ -10,16 +10,18 @@ An arm starts from train_mlx.py with a planted handicap (`lr`: every learning ra
 `warmdown`: WARMDOWN_RATIO = 0; `depth`: DEPTH = 8, too deep for the budget), committed in a
 fresh checkout of this project's harness under --workdir, and runs the real loop on it
 (`Runner`: sandboxed runs, the trusted scorer, the chosen keep rule) for --experiments
-experiments with the offline agent. Then every file that matters is re-scored with --seeds
-fresh seeds (1000, 1001, ...; the loop uses 42 and up), through the same sandboxed launch:
+experiments with the offline agent. Then every file that matters is re-scored with fresh
+seeds (1000, 1001, ...; the loop uses 42 and up), through the same sandboxed launch:
 
-  - the start (its fresh runs also give the loop its noise floor, so the baseline runs once),
-  - the reference: the file without the handicap,
-  - every kept commit (the last one is the final best).
+  - the start, with --seeds (its fresh runs also give the loop its noise floor),
+  - the reference: the file without the handicap, with --seeds,
+  - the final best (the last keep), with --seeds,
+  - every keep before it, with --keep-seeds (default 2: each such keep costs ~3 minutes).
 
 It prints the share of the handicap's gap recovered, (start - best) / (start - reference) on
 fresh-seed means; the keeps; and the keep precision: of the kept commits, how many beat their
-parent (the previous keep, or the start) on fresh-seed means. The A/A arm has no handicap and
+parent (the previous keep, or the start) on the mean of the fresh seeds both ran (paired
+seeds: the same initial weights for both files). The A/A arm has no handicap and
 an agent that only rewrites a comment: every keep there is a false keep.
 
 Fresh-seed scores are cached per training-file content in <workdir>/scores.json, so arms
@@ -125,7 +127,8 @@ def commit(path: Path, message: str) -> None:
 
 
 class FreshScores:
-    """Fresh-seed val_bpb of training files, cached by content in <workdir>/scores.json."""
+    """Fresh-seed val_bpb of training files, cached by content in <workdir>/scores.json. A file
+    asked for more seeds than it has runs the missing ones (the next seeds) and keeps the rest."""
 
     def __init__(self, workdir: Path, seeds: int):
         self.path = workdir / "scores.json"
@@ -134,10 +137,16 @@ class FreshScores:
         self.scratch = workdir / "rescore"
         self.kernel_seed: str | None = None   # kernel_key of the start: each new file's first run begins from its kernels
 
-    def of(self, text: str, label: str) -> list[float]:
-        key = f"{blob_hash(text)}:{self.seeds}"
-        if key in self.cache:
-            return self.cache[key]["values"]
+    def of(self, text: str, label: str, seeds: int | None = None) -> dict[int, float]:
+        """{seed: val_bpb} of the file's usable runs among fresh seeds FRESH_SEED .. FRESH_SEED + seeds - 1."""
+        wanted = self.seeds if seeds is None else seeds
+        entry = self.cache.setdefault(blob_hash(text), {"label": label, "values": [], "seeds": [], "problems": [],
+                                                        "tried": 0, "seconds": 0.0})
+        if entry["tried"] < wanted:
+            self._run(text, label, entry, wanted)
+        return {s: v for s, v in zip(entry["seeds"], entry["values"]) if s < FRESH_SEED + wanted}
+
+    def _run(self, text: str, label: str, entry: dict, wanted: int) -> None:
         root = checkout(self.scratch, text) if not self.scratch.exists() else self.scratch
         (root / TRAINING_FILE).write_text(text)
         commit(root, label)
@@ -156,15 +165,19 @@ class FreshScores:
 
         logs = self.scratch.parent / "rescore-logs" / blob_hash(text)[:12]   # outside the checkout
         logs.mkdir(parents=True, exist_ok=True)
-        values, seeds, problems = measure(trainer, root, self.seeds, timeout_for(harness["time_budget"]),
-                                          log_dir=logs, first_seed=FRESH_SEED, check=check, on_run=on_run)
-        self.cache[key] = {"label": label, "values": values, "seeds": seeds, "problems": problems,
-                           "seconds": round(time.time() - t0, 1)}
+        values, seeds, problems = measure(trainer, root, wanted - entry["tried"], timeout_for(harness["time_budget"]),
+                                          log_dir=logs, first_seed=FRESH_SEED + entry["tried"], check=check,
+                                          on_run=on_run)
+        entry["values"] += values
+        entry["seeds"] += seeds
+        entry["problems"] += problems
+        entry["tried"] = wanted
+        entry["seconds"] = round(entry["seconds"] + time.time() - t0, 1)
         self.path.write_text(json.dumps(self.cache, indent=1))
-        return values
 
 
-def mean(values: list[float]) -> float:
+def mean(values) -> float:
+    values = list(values)
     return statistics.fmean(values) if values else float("nan")
 
 
@@ -175,7 +188,7 @@ def run_arm(args, workdir: Path, scores: FreshScores) -> dict:
     start = plant(reference, handicaps)
     print(f"== arm {args.arm}: handicap {'+'.join(handicaps)}, agent "
           f"{'comment-only' if args.arm == 'aa' else args.agent}, {args.experiments} experiments, "
-          f"{args.seeds} fresh seeds", flush=True)
+          f"{args.seeds} fresh seeds ({args.keep_seeds} for a keep before the best)", flush=True)
     tag = f"{args.arm}-{args.agent}-{'+'.join(handicaps)}"
     root = workdir / tag
     if args.resume and not (root / "ledger.jsonl").exists():
@@ -189,7 +202,7 @@ def run_arm(args, workdir: Path, scores: FreshScores) -> dict:
         checkout(root, start)
         share_kernels(scores.scratch, root, scores.kernel_seed)
         if rule == "noise":   # the start's fresh runs are the loop's noise floor
-            seed_noise_floor(root, start_fresh)
+            seed_noise_floor(root, list(start_fresh.values()))
     agent = CommentAgent() if args.arm == "aa" else make_agent(args.agent)
     runner = Runner(root, RunConfig(tag=tag, backend="mlx", max_experiments=args.experiments),
                     agent, Trainer.for_backend("mlx"),
@@ -201,24 +214,18 @@ def run_arm(args, workdir: Path, scores: FreshScores) -> dict:
     results = runner.ledger.results()
     kept = [r for r in results if r["status"] == "keep"]
     repo = gitops.open_repo(root)
-    parent_fresh, precise, kept_rows = start_fresh, 0, []
-    for r in kept[1:]:
-        text = repo.git.show(f"{r['commit']}:{TRAINING_FILE}") + "\n"
-        fresh = scores.of(text, f"keep {r['exp']}")
-        beats = mean(fresh) < mean(parent_fresh)
-        precise += beats
-        kept_rows.append({"exp": r["exp"], "description": r["description"], "loop_value": r["val_bpb"],
-                          "fresh_mean": mean(fresh), "beats_parent": beats})
-        parent_fresh = fresh
-    best_fresh = parent_fresh
-    gap = mean(start_fresh) - mean(ref_fresh)
-    recovered = (mean(start_fresh) - mean(best_fresh)) / gap if args.arm != "aa" and gap > 0 else None
+    keeps = [(r, repo.git.show(f"{r['commit']}:{TRAINING_FILE}") + "\n") for r in kept[1:]]
+    kept_rows, best_fresh = rescore_keeps(scores, keeps, start_fresh, min(args.keep_seeds, args.seeds))
+    precise = sum(k["beats_parent"] for k in kept_rows)
+    start_mean, ref_mean, best_mean = (mean(f.values()) for f in (start_fresh, ref_fresh, best_fresh))
+    gap = start_mean - ref_mean
+    recovered = (start_mean - best_mean) / gap if args.arm != "aa" and gap > 0 else None
     summary = {
         "arm": args.arm, "agent": "comment-only" if args.arm == "aa" else args.agent, "handicap": handicaps,
         "rule": rule, "experiments": len(results) - 1, "keeps": len(kept) - 1,
         "keep_precision": precise / (len(kept) - 1) if len(kept) > 1 else None,
-        "start": mean(start_fresh), "reference": mean(ref_fresh), "best": mean(best_fresh),
-        "start_sd": statistics.stdev(start_fresh) if len(start_fresh) > 1 else None,
+        "start": start_mean, "reference": ref_mean, "best": best_mean,
+        "start_sd": statistics.stdev(list(start_fresh.values())) if len(start_fresh) > 1 else None,
         "gap_recovered": recovered, "kept": kept_rows,
         "reruns": sum(len(r.get("runs") or [1]) - 1 for r in results[1:]),
         "loop_minutes": round(loop_minutes, 1), "minutes": round(before + (time.time() - t0) / 60, 1),
@@ -227,6 +234,23 @@ def run_arm(args, workdir: Path, scores: FreshScores) -> dict:
     with open(workdir / "research.jsonl", "a") as f:
         f.write(json.dumps(summary) + "\n")
     return summary
+
+
+def rescore_keeps(scores: FreshScores, keeps: list[tuple[dict, str]], start_fresh: dict[int, float],
+                  keep_seeds: int) -> tuple[list[dict], dict[int, float]]:
+    """Fresh-seed scores of each kept commit ((ledger record, training file) in order) against its
+    parent's; returns a row per keep and the best's {seed: val_bpb}. The last keep, the best,
+    gets the full seed count (the gap recovered is measured on it), the others `keep_seeds`."""
+    parent_fresh, rows = start_fresh, []
+    for r, text in keeps:
+        fresh = scores.of(text, f"keep {r['exp']}", None if r is keeps[-1][0] else keep_seeds)
+        paired = sorted(fresh.keys() & parent_fresh.keys())
+        gain = mean(parent_fresh[s] - fresh[s] for s in paired)
+        rows.append({"exp": r["exp"], "description": r["description"], "loop_value": r["val_bpb"],
+                     "fresh_mean": mean(fresh.values()), "fresh_seeds": len(fresh), "paired_gain": gain,
+                     "paired_seeds": len(paired), "beats_parent": gain > 0})
+        parent_fresh = fresh
+    return rows, parent_fresh
 
 
 def active_minutes(ledger) -> float:
@@ -271,7 +295,8 @@ def report(s: dict) -> str:
              f"; gap recovered {rec}; keep precision {prec}"]
     for k in s["kept"]:
         lines.append(f"  keep {k['exp']}: {k['description']}: loop {k['loop_value']:.4f}, fresh {k['fresh_mean']:.4f}"
-                     f" ({'beats' if k['beats_parent'] else 'does not beat'} its parent)")
+                     f" on {k['fresh_seeds']} seeds; {k['paired_gain']:+.4f} against its parent on the"
+                     f" {k['paired_seeds']} seeds both ran ({'beats' if k['beats_parent'] else 'does not beat'} it)")
     return "\n".join(lines)
 
 
@@ -282,7 +307,9 @@ def main(argv=None) -> int:
     p.add_argument("--agent", default="hparam", help="the offline agent (hparam or hparam-tpe)")
     p.add_argument("--handicap", default="lr", help="comma-separated: lr, warmdown, depth")
     p.add_argument("--experiments", type=int, default=12)
-    p.add_argument("--seeds", type=int, default=4, help="fresh seeds per re-scored file")
+    p.add_argument("--seeds", type=int, default=4, help="fresh seeds of the start, the reference and the best")
+    p.add_argument("--keep-seeds", type=int, default=2,
+                   help="fresh seeds of each keep before the best (its precision is judged on the seeds it shares with its parent)")
     p.add_argument("--reruns", type=int, default=2)
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--profile", default="cpu", help="cpu (the benchmark); smoke only checks that the script runs")

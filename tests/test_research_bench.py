@@ -93,3 +93,39 @@ def test_rescoring_and_the_loop_start_from_the_start_files_kernels(tmp_path, mon
     research.share_kernels(scores.scratch, loop, scores.kernel_seed)
     assert shared.read_text() == "the loop's own"
     assert sorted(p.name for p in (loop / ".git" / "autoresearch-kernels").iterdir()) == [scores.kernel_seed]
+
+
+def test_keeps_before_the_best_get_fewer_seeds_and_are_judged_on_the_seeds_both_ran(tmp_path, monkeypatch):
+    """A keep on the way runs --keep-seeds fresh seeds, the best the full count, and each is
+    compared with its parent on their shared seeds, not on means over different seed sets; a
+    file asked for more seeds later runs only the missing ones."""
+    text = (REPO / "train_mlx.py").read_text()
+    start, keep1, best = research.plant(text, ["lr"]), research.plant(text, ["warmdown"]), text
+    # val_bpb by file and seed: keep1 beats the start on seeds 1000-1001 (2.50 < 2.52) although
+    # the start's 4-seed mean (2.505) is below keep1's 2-seed mean; the best loses to keep1.
+    table = {start: [2.52, 2.52, 2.49, 2.49], keep1: [2.50, 2.50, 2.40, 2.40], best: [2.51, 2.51, 2.51, 2.51]}
+    calls = []
+
+    def fake_measure(trainer, root, runs, timeout, first_seed, **kw):
+        file = (root / "train_mlx.py").read_text()
+        calls.append((file, runs, first_seed))
+        seeds = [s for s in range(first_seed, first_seed + runs) if s != 1003 or file != best]  # seed 1003 crashes
+        return [table[file][s - research.FRESH_SEED] for s in seeds], seeds, ["seed 1003: crashed"] * (runs - len(seeds))
+
+    monkeypatch.setattr(research, "measure", fake_measure)
+    scores = research.FreshScores(tmp_path, 4)
+    start_fresh = scores.of(start, "start")
+    keeps = [({"exp": 1, "description": "warmdown", "val_bpb": 2.4}, keep1),
+             ({"exp": 2, "description": "lr", "val_bpb": 2.3}, best)]
+    rows, best_fresh = research.rescore_keeps(scores, keeps, start_fresh, 2)
+    assert [(runs, first) for _, runs, first in calls] == [(4, 1000), (2, 1000), (4, 1000)]
+    assert rows[0]["fresh_seeds"] == 2 and rows[0]["paired_seeds"] == 2 and rows[0]["beats_parent"]
+    assert rows[0]["paired_gain"] == pytest.approx(0.02)
+    assert rows[1]["paired_seeds"] == 2 and not rows[1]["beats_parent"]   # 2.51 against keep1's 2.50
+    assert best_fresh == {1000: 2.51, 1001: 2.51, 1002: 2.51}             # the crash is left out
+
+    again = research.FreshScores(tmp_path, 4)   # from scores.json: keep1 now needs 2 more seeds only
+    assert again.of(keep1, "keep 1") == {1000: 2.50, 1001: 2.50, 1002: 2.40, 1003: 2.40}
+    assert calls[-1][1:] == (2, 1002)
+    assert again.of(keep1, "keep 1", 2) == {1000: 2.50, 1001: 2.50} and len(calls) == 4
+    assert again.of(best, "best") == best_fresh and len(calls) == 4      # a crashed seed is not re-run
