@@ -246,7 +246,8 @@ class LMHeadLoss(torch.autograd.Function):
     the 262K tokens of a CUDA micro-batch), and autograd through LM head, tanh and cross-entropy
     keeps several of that size alive. Here a chunk's logits live only until its share of the
     gradients is taken, so the loss holds O(chunk x vocab) memory. The capped logits lie in
-    [-softcap, softcap], so exp(c - softcap) needs no max pass and cannot overflow.
+    [-softcap, softcap], so exp(c - softcap) needs no max pass and cannot overflow; softcap 0
+    means no cap (a row max).
     """
 
     @staticmethod
@@ -258,13 +259,20 @@ class LMHeadLoss(torch.autograd.Function):
             xi, ti = x[lo:lo + LOSS_CHUNK], targets[lo:lo + LOSS_CHUNK]
             valid = (ti >= 0).float()
             ti = ti.clamp(min=0)
-            t = torch.tanh((xi @ w.T).float() / softcap)
-            g = torch.exp(softcap * (t - 1))
+            logits = (xi @ w.T).float()
+            if softcap:
+                t = torch.tanh(logits / softcap)
+                c, top = softcap * t, softcap
+            else:
+                c, top = logits, logits.amax(-1, keepdim=True)
+            g = torch.exp(c - top)
             denom = g.sum(-1, keepdim=True)
-            total += ((denom.log()[:, 0] + softcap * (1 - t.gather(1, ti[:, None])[:, 0])) * valid).sum()
+            total += ((denom.log() + top - c.gather(1, ti[:, None]))[:, 0] * valid).sum()
             g.div_(denom)
             g.scatter_add_(1, ti[:, None], -torch.ones_like(g[:, :1]))
-            g.mul_(1 - t * t).mul_(valid[:, None])
+            if softcap:
+                g.mul_(1 - t * t)
+            g.mul_(valid[:, None])
             g = g.to(x.dtype)
             dx[lo:lo + LOSS_CHUNK] = g @ w
             dw += (g.T @ xi).float()
@@ -391,9 +399,10 @@ class GPT(nn.Module):
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos_sin, self.window_sizes[i])
         x = norm(x)
-        softcap = 15
+        softcap = LOGIT_SOFTCAP
         if targets is None:
-            return softcap * torch.tanh(self.lm_head(x).float() / softcap)
+            logits = self.lm_head(x).float()
+            return softcap * torch.tanh(logits / softcap) if softcap else logits
         # mean cross-entropy over targets >= 0 (-1 = ignore, as upstream), the LM head fused in
         targets = targets.reshape(-1)
         total = LMHeadLoss.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets, softcap)
@@ -529,6 +538,7 @@ class MuonAdamW(torch.optim.Optimizer):
 ASPECT_RATIO = 64       # model_dim = depth * ASPECT_RATIO
 HEAD_DIM = 128          # target head dimension for attention
 WINDOW_PATTERN = "SSSL" # sliding window pattern: L = full context, S = half context
+LOGIT_SOFTCAP = 15      # logits = LOGIT_SOFTCAP * tanh(logits / LOGIT_SOFTCAP); 0: no cap
 
 # Optimization
 TOTAL_BATCH_SIZE = 2**19 # ~524K tokens per optimizer step
@@ -547,10 +557,11 @@ DEPTH = 8               # number of transformer layers
 DEVICE_BATCH_SIZE = 128 # per-device batch size (lowered at start-up if a step would not fit memory)
 
 if PROFILE.name == "cpu":
-    # The default on a CPU (75 s, 256-token rows): train_mlx.py's small model, small steps and
+    # The default on a CPU (75 s, 256-token rows): train_mlx.py's small uncapped model, small steps and
     # learning rates, which learn there.
     DEPTH, ASPECT_RATIO, HEAD_DIM = 4, 16, 64
     DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 16, 2**12
+    LOGIT_SOFTCAP = 0
     EMBEDDING_LR *= 0.25
     MATRIX_LR *= 3
     SCALAR_LR *= 0.125

@@ -169,10 +169,11 @@ def test_blocked_attention_runs_its_blocks_one_after_another(monkeypatch, compil
     assert used < 0.75 * all_blocks, (used, all_blocks)
 
 
+@pytest.mark.parametrize("softcap", [15, 0])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_chunked_lm_head_loss_matches_autodiff(monkeypatch, compiled):
-    """Loss and both gradients equal autodiff of the plain formula (LM head, soft-cap, ignored
-    targets), with rows split over several chunks per stream and a ragged last chunk."""
+def test_chunked_lm_head_loss_matches_autodiff(monkeypatch, compiled, softcap):
+    """Loss and both gradients equal autodiff of the plain formula (LM head, soft-cap or none,
+    ignored targets), with rows split over several chunks per stream and a ragged last chunk."""
     monkeypatch.setattr(train_mlx, "LOSS_CHUNK", 8)
     rng = np.random.default_rng(0)
     x = mx.array(rng.normal(size=(37, 16)).astype(np.float32))
@@ -182,7 +183,7 @@ def test_chunked_lm_head_loss_matches_autodiff(monkeypatch, compiled):
     targets = mx.array(targets)
 
     def reference(x, w):
-        c = 15 * mx.tanh((x @ w.T) / 15)
+        c = softcap * mx.tanh((x @ w.T) / softcap) if softcap else x @ w.T
         valid = targets >= 0
         safe = mx.where(valid, targets, 0)
         nats = mx.logsumexp(c, axis=-1) - mx.take_along_axis(c, safe[:, None], axis=-1)[:, 0]
@@ -190,7 +191,7 @@ def test_chunked_lm_head_loss_matches_autodiff(monkeypatch, compiled):
 
     def chunked(x, w):
         valid = (targets >= 0).astype(mx.float32)
-        return train_mlx.lm_head_loss(x, w, mx.where(targets >= 0, targets, 0), valid, 15)[0] / valid.sum()
+        return train_mlx.lm_head_loss(x, w, mx.where(targets >= 0, targets, 0), valid, softcap)[0] / valid.sum()
 
     grad_of = lambda f: mx.value_and_grad(f, argnums=(0, 1))
     ref_loss, (ref_dx, ref_dw) = grad_of(reference)(x, w)
@@ -251,14 +252,17 @@ def nn_relu(x):
     return mx.maximum(x, 0)
 
 
-def test_model_loss_is_the_cross_entropy_of_its_logits(monkeypatch):
+@pytest.mark.parametrize("softcap", [15, 0])
+def test_model_loss_is_the_cross_entropy_of_its_logits(monkeypatch, softcap):
     monkeypatch.setattr(train_mlx, "LOSS_CHUNK", 16)
+    monkeypatch.setattr(train_mlx, "LOGIT_SOFTCAP", softcap)
     model = tiny_model()
     model.lm_head.weight = mx.random.normal(model.lm_head.weight.shape)  # logits past the soft-cap
     V = TINY["vocab_size"]
     idx = mx.random.randint(0, V, (2, 32))
     targets = mx.where(mx.arange(32) % 7 == 0, -1, mx.roll(idx, -1, axis=1))
     logits = model(idx).reshape(-1, V)
+    assert (mx.abs(logits).max().item() <= 15) == (softcap == 15)
     flat = targets.reshape(-1)
     valid = flat >= 0
     nats = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, mx.where(valid, flat, 0)[:, None], axis=-1)[:, 0]

@@ -61,16 +61,19 @@ def test_window_pattern_sssl_last_layer_long():
         train.window_sizes_for(train.GPTConfig(window_pattern="SXL"))
 
 
-def test_model_forward_logits_and_loss(monkeypatch):
+@pytest.mark.parametrize("softcap", [15, 0])
+def test_model_forward_logits_and_loss(monkeypatch, softcap):
     monkeypatch.setattr(train, "LOSS_CHUNK", 24)
+    monkeypatch.setattr(train, "LOGIT_SOFTCAP", softcap)
     torch.manual_seed(0)
     config = train.GPTConfig(sequence_len=32, vocab_size=97, n_layer=3, n_head=2, n_kv_head=1, n_embd=64)
     model = train.GPT(config)
     model.init_weights()
+    model.lm_head.weight.data.normal_(0, 3)  # logits past the soft-cap
     x = torch.randint(0, 97, (2, 32))
     logits = model(x)
     assert logits.shape == (2, 32, 97) and logits.dtype == torch.float32
-    assert logits.abs().max() <= 15  # soft-capped
+    assert (logits.abs().max() <= 15) == (softcap == 15)
     targets = x.masked_fill(torch.arange(32) % 5 == 0, -1)
     loss = model(x, targets)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.view(-1, 97), targets.view(-1),
@@ -87,18 +90,20 @@ def test_model_forward_logits_and_loss(monkeypatch):
     assert not torch.allclose(a[:, 20:], b[:, 20:])
 
 
-def test_chunked_lm_head_loss_matches_autograd(monkeypatch):
-    """Loss and both gradients equal autograd of the plain formula (LM head, soft-cap, ignored
-    targets), with rows split over several chunks and a ragged last one."""
+@pytest.mark.parametrize("softcap", [15, 0])
+def test_chunked_lm_head_loss_matches_autograd(monkeypatch, softcap):
+    """Loss and both gradients equal autograd of the plain formula (LM head, soft-cap or none,
+    ignored targets), with rows split over several chunks and a ragged last one."""
     monkeypatch.setattr(train, "LOSS_CHUNK", 8)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(37, 16, generator=g, requires_grad=True)
     w = (torch.randn(50, 16, generator=g) * 3).requires_grad_()  # logits far past the soft-cap
     targets = torch.randint(0, 50, (37,), generator=g)
     targets[::5] = -1  # ignored
-    ref = torch.nn.functional.cross_entropy(15 * torch.tanh(x @ w.T / 15), targets, ignore_index=-1)
+    logits = softcap * torch.tanh(x @ w.T / softcap) if softcap else x @ w.T
+    ref = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-1)
     ref_dx, ref_dw = torch.autograd.grad(ref, (x, w))
-    loss = train.LMHeadLoss.apply(x, w, targets, 15) / (targets >= 0).sum()
+    loss = train.LMHeadLoss.apply(x, w, targets, softcap) / (targets >= 0).sum()
     dx, dw = torch.autograd.grad(loss, (x, w))
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(dx, ref_dx)
