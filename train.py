@@ -557,8 +557,8 @@ DEPTH = 8               # number of transformer layers
 DEVICE_BATCH_SIZE = 128 # per-device batch size (lowered at start-up if a step would not fit memory)
 
 if PROFILE.name == "cpu":
-    # The default on a CPU (75 s, 256-token rows): train_mlx.py's small uncapped model, small steps and
-    # learning rates, which learn there.
+    # The default on a CPU (75 s, 256-token rows): train_mlx.py's small uncapped model, small
+    # steps and learning rates, which learn there.
     DEPTH, ASPECT_RATIO, HEAD_DIM = 4, 16, 64
     DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE = 16, 2**12
     LOGIT_SOFTCAP = 0
