@@ -209,7 +209,7 @@ def lm_head_loss(x, w, targets, weights, softcap):
                 t = tanh(logits * (1 / softcap))
                 c, top = softcap * t, softcap
             else:
-                c, top = logits, mx.stop_gradient(mx.max(logits, axis=-1, keepdims=True))
+                c, top = logits, mx.max(logits, axis=-1, keepdims=True)
             e = exp(c - top)
             denom = mx.sum(e, axis=-1, keepdims=True)
             target_c = mx.take_along_axis(c, ti[:, None], axis=-1)
