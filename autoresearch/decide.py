@@ -8,14 +8,21 @@ Two rules, chosen with `autoresearch run --decide`:
            running minimum of noise.
   noise    (the default) uses the noise floor sigma (the spread of one run of the same file
            under different seeds). With t the one-sided Student-t quantile of --confidence at
-           sigma's degrees of freedom, and n_best the runs behind the best's value:
-             - not better than the best: discard, no re-run;
-             - better: re-run the candidate with new seeds (--reruns, default 2) and keep it
-               only if the mean of its runs is better by t * sigma * sqrt(1/n_runs + 1/n_best).
-               The kept value is that mean, so the best is never one lucky run: the value to
-               beat is a mean, and the next comparison's margin is narrower for it.
-               (--reruns 0: one run, kept when better by t * sigma * sqrt(1 + 1/n_best).)
-               Re-runs stop early once the candidate is out of reach (NoiseAware.hopeless).
+           sigma's degrees of freedom:
+             - not better than the best's recorded value: discard, no re-run;
+             - better: the best and the candidate are re-run in turn (--reruns runs in all,
+               default 3), in the order candidate, best, best, candidate, candidate, best,
+               ... (the first run is the candidate's), each pair on one seed; the candidate
+               is kept only if the mean of its runs beats the mean of the best's runs of this
+               confirmation by t * sigma * sqrt(1/n_candidate + 1/n_best). The box's speed
+               drifts by more than the noise floor within an hour (on a 2-core CPU box the
+               same file made 131 to 171 steps in 75 s), so the best's value from a run half
+               an hour ago is not a fair reference: the runs it is compared with are taken
+               beside the candidate's, and a steady drift cancels in that order.
+               The kept value is the candidate's mean, so the best is never one lucky run.
+               (--reruns 0: one run, kept when better than the recorded best by
+               t * sigma * sqrt(1 + 1/n_best).)
+               Re-runs stop early once the candidate is out of reach (NoiseAware.out_of_reach).
            sigma is pooled: the noise floor's runs, then the re-runs of every experiment of
            the run (each re-run set is an unselected sample of its own file: the first run,
            picked for being better, is left out), so sigma sharpens and t shrinks as the
@@ -35,7 +42,7 @@ from typing import Callable
 
 DECIDE_RULES = ("noise", "greedy")
 DEFAULT_CONFIDENCE = 0.95
-DEFAULT_RERUNS = 2
+DEFAULT_RERUNS = 3
 DEFAULT_NOISE_RUNS = 5
 
 
@@ -53,10 +60,12 @@ class Verdict:
     runs: list = field(default_factory=list)     # every measured value, first run first
     seeds: list = field(default_factory=list)    # the seed offset of each re-run (1, 2, ...)
     reason: str = ""
+    best_runs: list = field(default_factory=list)    # the best's runs beside the candidate's
+    best_seeds: list = field(default_factory=list)   # their seed offsets (0, 1, ...)
 
     @property
     def reruns(self) -> int:
-        return len(self.runs) - 1
+        return len(self.runs) - 1 + len(self.best_runs)
 
 
 def gain(value: float, best: float, direction: str) -> float:
@@ -69,7 +78,7 @@ class Greedy:
     sigma = None
 
     def decide(self, value: float, best: Best, rerun: Callable[[int], float | None],
-               direction: str = "min") -> Verdict:
+               direction: str = "min", rerun_best=None) -> Verdict:
         better = gain(value, best.value, direction) > 0
         return Verdict("keep" if better else "discard", value, [value],
                        reason="better than the best" if better else "not better than the best")
@@ -112,21 +121,52 @@ class NoiseAware:
         self.sigma, self.df = sigma, df
         self.z = t_quantile(self.confidence, df)
 
-    def hopeless(self, runs: list[float], best: Best, direction: str, left: int) -> bool:
-        """True when the `left` runs still to come could not lift the mean over the margin even
-        if they averaged two of their standard errors better than the mean so far: re-runs on
-        the leading candidates only, at almost no cost in power (bench/false_keep.py)."""
-        if left <= 0:
+    def out_of_reach(self, so_far: float, n: int, n_best: int, left: int, left_best: int = 0) -> bool:
+        """True when the runs still to come (`left` of the candidate, `left_best` of the best,
+        for n and n_best in all) could not lift the gain so far over the margin even if they
+        moved it by two of their standard errors: re-runs on the leading candidates only, at
+        almost no cost in power (bench/false_keep.py)."""
+        if left + left_best <= 0:
             return False
-        n = len(runs) + left
-        so_far = gain(statistics.fmean(runs), best.value, direction)
-        return n * so_far + 2 * self.sigma * math.sqrt(left) < n * self.margin(n, best.runs)
+        future = 2 * self.sigma * math.sqrt(left / n ** 2 + left_best / n_best ** 2)
+        return so_far + future < self.margin(n, n_best)
 
     def decide(self, value: float, best: Best, rerun: Callable[[int], float | None],
-               direction: str = "min") -> Verdict:
-        first_gain = gain(value, best.value, direction)
-        if first_gain <= 0:
+               direction: str = "min", rerun_best: Callable[[int], float | None] | None = None) -> Verdict:
+        """rerun(i): the candidate's run on seed offset i; rerun_best(i): the best's. Without
+        rerun_best the candidate's runs are compared with the best's recorded value."""
+        if gain(value, best.value, direction) <= 0:
             return Verdict("discard", value, [value], reason="not better than the best")
+        if rerun_best is None or self.reruns == 0:
+            return self._against_record(value, best, rerun, direction)
+        plan = paired_plan(self.reruns)
+        n, n_best = 1 + plan.count(False), plan.count(True)
+        runs, seeds, best_runs, best_seeds = [value], [], [], []
+        for k, of_best in enumerate(plan):
+            offset = (k + 1) // 2      # pairs share a seed: candidate 0 and best 0, best 1 and candidate 1, ...
+            v = (rerun_best if of_best else rerun)(offset)
+            if v is None or not math.isfinite(v):
+                why = "a run of the best crashed: no fair comparison" if of_best else \
+                    f"re-run {offset} crashed: a change that does not run reliably is not kept"
+                return Verdict("discard", statistics.fmean(runs), runs, seeds, why, best_runs, best_seeds)
+            (best_runs if of_best else runs).append(v)
+            (best_seeds if of_best else seeds).append(offset)
+            rest = plan[k + 1:]
+            so_far = gain(statistics.fmean(runs), statistics.fmean(best_runs), direction)
+            if self.out_of_reach(so_far, n, n_best, rest.count(False), rest.count(True)):
+                break
+        mean, best_mean = statistics.fmean(runs), statistics.fmean(best_runs)
+        mean_gain = gain(mean, best_mean, direction)
+        need = self.margin(len(runs), len(best_runs))
+        status = "keep" if mean_gain >= need else "discard"
+        stopped = "; re-runs stopped early: out of reach" if len(runs) + len(best_runs) <= len(plan) else ""
+        return Verdict(status, mean, runs, seeds,
+                       f"mean of {len(runs)} runs better than the best's {len(best_runs)} beside them "
+                       f"({best_mean:.6g}) by {mean_gain:.6g} {'>=' if status == 'keep' else '<'} {need:.6g} "
+                       f"(t={self.z:.2f}, sigma={self.sigma:.6g}){stopped}", best_runs, best_seeds)
+
+    def _against_record(self, value: float, best: Best, rerun: Callable[[int], float | None],
+                        direction: str) -> Verdict:
         runs, seeds = [value], []
         for i in range(1, self.reruns + 1):
             v = rerun(i)
@@ -135,7 +175,8 @@ class NoiseAware:
                 return Verdict("discard", statistics.fmean(runs), runs, seeds,
                                reason=f"re-run {i} crashed: a change that does not run reliably is not kept")
             runs.append(v)
-            if self.hopeless(runs, best, direction, self.reruns - i):
+            so_far = gain(statistics.fmean(runs), best.value, direction)
+            if self.out_of_reach(so_far, self.reruns + 1, best.runs, self.reruns - i):
                 break
         mean = statistics.fmean(runs)
         mean_gain = gain(mean, best.value, direction)
@@ -146,6 +187,12 @@ class NoiseAware:
         return Verdict(status, mean, runs, seeds,
                        reason=f"{what} better by {mean_gain:.6g} {'>=' if status == 'keep' else '<'} {need:.6g} "
                               f"(t={self.z:.2f}, sigma={self.sigma:.6g}){stopped}")
+
+
+def paired_plan(reruns: int) -> list[bool]:
+    """Whose run each re-run is (True: the best's), in the order A B B A A B B A ... that
+    follows the candidate's first run (A): a drift linear in time cancels from the means."""
+    return [i % 4 in (1, 2) for i in range(1, reruns + 1)]
 
 
 def pooled_sigma(samples: list[list[float]]) -> tuple[float, int] | None:

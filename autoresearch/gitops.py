@@ -261,6 +261,12 @@ def _git(repo_root: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=repo_root, capture_output=True, text=True, check=True).stdout
 
 
+def file_at(repo_root: Path, sha: str, path: str) -> bytes:
+    """The bytes of `path` in commit `sha`."""
+    return subprocess.run(["git", "cat-file", "blob", f"{sha}:{path}"], cwd=repo_root, capture_output=True,
+                          check=True).stdout
+
+
 def git_dir_of(repo_root: Path) -> Path:
     return Path(repo_root, _git(repo_root, "rev-parse", "--git-dir").strip()).resolve()
 

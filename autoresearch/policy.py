@@ -8,7 +8,9 @@ noise floor (noise.py) behind four calls the runner makes:
   baseline(...) / judge(...)  after a run: status and the extra ledger fields
 
 Re-runs go through the same trainer with AUTORESEARCH_SEED = seed + i, each logged as a
-`rerun` ledger record (and `spawn`, so a killed runner's --resume kills an orphan).
+`rerun` ledger record (and `spawn`, so a killed runner's --resume kills an orphan); a re-run
+of the best (the noise rule's paired runs) puts the best's file in the working tree for its
+run and records `of_best`.
 """
 from __future__ import annotations
 
@@ -24,9 +26,6 @@ from .decide import (DEFAULT_CONFIDENCE, DEFAULT_NOISE_RUNS, DEFAULT_RERUNS, Gre
                      blob_id, duplicate_of, noise_floor, pooled_sigma)
 from .integrity import check_summary, scored_fields
 from .noise import base_seed, format_noise, measure, noise_record, with_seed
-
-RERUN_LOGS = ("run.seed*.log",)
-
 
 class Decisions:
     def __init__(self, rule: str = "greedy", confidence: float = DEFAULT_CONFIDENCE,
@@ -50,7 +49,6 @@ class Decisions:
         self.scorer_required = bool(runner.trainer.confinement.scorer)
         runner.harness["decide"] = {"rule": self.rule, "confidence": self.confidence, "reruns": self.reruns,
                                     "noise_runs": self.noise_runs}
-        gitops.exclude_run_outputs(runner.repo, RERUN_LOGS)
         self._load_floor()
         runner.out(f"Keep rule: {self.describe()}.")
 
@@ -73,7 +71,7 @@ class Decisions:
     def describe(self) -> str:
         if isinstance(self.decider, NoiseAware):
             return (f"noise-aware (sigma {self.decider.sigma:.6f}, confidence {self.confidence}, "
-                    f"up to {self.reruns} re-runs of every apparent gain)")
+                    f"up to {self.reruns} re-runs of every apparent gain and of the best beside it)")
         if self.rule == "noise":
             return f"noise-aware (noise floor measured on the baseline: {self.noise_runs} runs)"
         return "greedy (strictly better)"
@@ -120,10 +118,12 @@ class Decisions:
 
     # -- decisions -------------------------------------------------------------------------
     def _pool_sigma(self, exp: int) -> None:
-        """Sharpen sigma with every re-run set this run has measured (decide.py's pooling)."""
+        """Sharpen sigma with every re-run set this run has measured (decide.py's pooling): the
+        candidates' re-runs and the best's runs beside them."""
         samples = [list((self.floor or {}).get("values") or [])]
-        samples += [r["runs"][1:] for r in self.runner.ledger.results()
-                    if not r.get("baseline") and len(r.get("runs") or []) >= 3]
+        results = [r for r in self.runner.ledger.results() if not r.get("baseline")]
+        samples += [r["runs"][1:] for r in results if len(r.get("runs") or []) >= 3]
+        samples += [r["best_runs"] for r in results if len(r.get("best_runs") or []) >= 2]
         pooled = pooled_sigma(samples)
         if pooled is None or pooled[1] == self.decider.df:
             return
@@ -228,21 +228,36 @@ class Decisions:
                 time.sleep(0.3)
                 crash_point("during_rerun", exp)
 
-        def rerun(i: int) -> float | None:
-            o = with_seed(r.trainer, seed + i).run(r.repo_root, r.repo_root / f"run.seed{seed + i}.log",
-                                                   r._timeout(), on_spawn=on_spawn)
+        def rerun(i: int, of_best: bool = False) -> float | None:
+            name = f"run.seed{seed + i}.best.log" if of_best else f"run.seed{seed + i}.log"
+            o = with_seed(r.trainer, seed + i).run(r.repo_root, r.repo_root / name, r._timeout(), on_spawn=on_spawn)
             problem = self.check(o) if o.ok else o.problem
             v = o.value if o.ok and not problem else None
             r.ledger.append("rerun", exp=exp, seed=seed + i, val_bpb=v, problem=problem, seconds=round(o.seconds, 2),
-                            sandbox=o.sandbox)
-            r.out(f"[{exp}]   re-run seed {seed + i}: " + (f"{v:.6f}" if v is not None else f"- ({problem})"))
+                            sandbox=o.sandbox, **({"of_best": best_commit} if of_best else {}))
+            r.out(f"[{exp}]   re-run{' of the best' if of_best else ''} seed {seed + i}: "
+                  + (f"{v:.6f}" if v is not None else f"- ({problem})"))
             return v
 
-        verdict = self.decider.decide(value, best, rerun, self.direction)
+        best_commit = r.best_commit()
+        path = r.repo_root / r.training_file
+
+        def rerun_best(i: int) -> float | None:
+            # the best's file in the working tree for one run; --resume resets a killed one
+            candidate = path.read_bytes()
+            path.write_bytes(gitops.file_at(r.repo_root, best_commit, r.training_file))
+            try:
+                return rerun(i, of_best=True)
+            finally:
+                path.write_bytes(candidate)
+
+        verdict = self.decider.decide(value, best, rerun, self.direction, rerun_best)
         extra["decision"] = verdict.reason
         if verdict.reruns:
             extra.update(val_bpb=verdict.value, runs=verdict.runs, seeds=[seed] + [seed + i for i in verdict.seeds],
                          reruns=verdict.reruns)
+        if verdict.best_runs:
+            extra.update(best_runs=verdict.best_runs, best_seeds=[seed + i for i in verdict.best_seeds])
         return verdict.status, extra
 
 

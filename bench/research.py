@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 from autoresearch import gitops  # noqa: E402
 from autoresearch.agents import Agent, Proposal, make_agent  # noqa: E402
 from autoresearch.agents.hparam import blob_hash, read_constants, set_constant  # noqa: E402
+from autoresearch.decide import DEFAULT_RERUNS  # noqa: E402
 from autoresearch.integrity import check_summary  # noqa: E402
 from autoresearch.noise import measure  # noqa: E402
 from autoresearch.policy import Decisions  # noqa: E402
@@ -227,7 +228,7 @@ def run_arm(args, workdir: Path, scores: FreshScores) -> dict:
         "start": start_mean, "reference": ref_mean, "best": best_mean,
         "start_sd": statistics.stdev(list(start_fresh.values())) if len(start_fresh) > 1 else None,
         "gap_recovered": recovered, "kept": kept_rows,
-        "reruns": sum(len(r.get("runs") or [1]) - 1 for r in results[1:]),
+        "reruns": sum(r.get("reruns", 0) for r in results[1:]),
         "loop_minutes": round(loop_minutes, 1), "minutes": round(before + (time.time() - t0) / 60, 1),
         "date": time.strftime("%Y-%m-%d"), "machine": machine(),
     }
@@ -310,7 +311,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=4, help="fresh seeds of the start, the reference and the best")
     p.add_argument("--keep-seeds", type=int, default=2,
                    help="fresh seeds of each keep before the best (its precision is judged on the seeds it shares with its parent)")
-    p.add_argument("--reruns", type=int, default=2)
+    p.add_argument("--reruns", type=int, default=DEFAULT_RERUNS)
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--profile", default="cpu", help="cpu (the benchmark); smoke only checks that the script runs")
     p.add_argument("--resume", action="store_true",

@@ -81,9 +81,9 @@ def test_noise_aware_thresholds_and_reruns():
     rerun, calls = scripted_reruns([1.01, 0.9])
     v = rule.decide(0.97, Best(1.0), rerun)
     assert v.status == "discard" and calls == [1] and v.runs == [0.97, 1.01] and "stopped early" in v.reason
-    assert rule.hopeless([0.97, 1.01], Best(1.0), "min", 1)
-    assert not rule.hopeless([0.95, 0.94], Best(1.0), "min", 1)   # 0.055 so far: the third run may get there
-    assert not rule.hopeless([0.97, 1.01], Best(1.0), "min", 0)   # nothing left to skip
+    assert rule.out_of_reach(0.01, 3, 1, left=1)         # runs 0.97, 1.01 against a best of 1.0
+    assert not rule.out_of_reach(0.055, 3, 1, left=1)    # 0.95, 0.94: the third run may get there
+    assert not rule.out_of_reach(0.01, 3, 1, left=0)     # nothing left to skip
     # a re-run that crashes: a flaky change is not kept
     rerun, calls = scripted_reruns([None, 0.9])
     assert rule.decide(0.97, Best(1.0), rerun).status == "discard" and calls == [1]
@@ -93,6 +93,57 @@ def test_noise_aware_thresholds_and_reruns():
     rerun, calls = scripted_reruns([1.19, 1.21])
     assert rule.decide(1.2, Best(1.0), rerun, direction="max").status == "keep"
     assert gain(1.2, 1.0, "max") == pytest.approx(0.2) and gain(0.8, 1.0, "min") == pytest.approx(0.2)
+
+
+def scripted_pairs(candidate, best):
+    """rerun and rerun_best drawing from scripted values, recording the order of the runs."""
+    order = []
+
+    def rerun(i):
+        order.append(("candidate", i))
+        return candidate[len([o for o in order if o[0] == "candidate"]) - 1]
+
+    def rerun_best(i):
+        order.append(("best", i))
+        return best[len([o for o in order if o[0] == "best"]) - 1]
+    return rerun, rerun_best, order
+
+
+def test_paired_rule_compares_with_the_best_run_beside_the_candidate():
+    """The box speeds up: the best's recorded 1.0 came from a slow hour, and now every run,
+    the best's too, comes out lower. Against the record a no-op edit looks like a clear gain
+    and is kept; beside runs of the best taken between its own, it is discarded."""
+    rule = NoiseAware(sigma=0.03, confidence=0.95, reruns=3)
+    rerun, calls = scripted_reruns([0.94, 0.93, 0.94])
+    assert rule.decide(0.93, Best(1.0), rerun).status == "keep"      # 0.935 on 4 runs vs 1.0 recorded
+    rerun, rerun_best, order = scripted_pairs([0.94], [0.94, 0.93])
+    v = rule.decide(0.93, Best(1.0), rerun, rerun_best=rerun_best)
+    # after the best's 0.94 and 0.93 the candidate (0.93) is 0.005 ahead; one more run of it
+    # could not reach the margin (t*sigma*sqrt(1/2 + 1/2) = 0.049): stopped before it
+    assert v.status == "discard" and order == [("best", 0), ("best", 1)] and "stopped early" in v.reason
+    assert v.runs == [0.93] and v.best_runs == [0.94, 0.93] and v.reruns == 2
+    # a real gain in the same fast hour: kept on its mean against the best's runs beside it
+    rerun, rerun_best, order = scripted_pairs([0.91], [0.96, 0.95])
+    v = rule.decide(0.90, Best(1.0), rerun, rerun_best=rerun_best)
+    assert v.status == "keep" and v.value == pytest.approx(0.905) and v.best_runs == [0.96, 0.95]
+    assert order == [("best", 0), ("best", 1), ("candidate", 1)] and v.seeds == [1] and v.best_seeds == [0, 1]
+    # A B B A A B B A: the candidate's runs and the best's are centred on the same moment, so a
+    # drift linear in time cancels; each pair of runs shares a seed
+    long = NoiseAware(sigma=0.03, confidence=0.95, reruns=7)
+    rerun, rerun_best, order = scripted_pairs([0.8] * 3, [1.0] * 4)
+    v = long.decide(0.8, Best(1.0), rerun, rerun_best=rerun_best)
+    assert order == [("best", 0), ("best", 1), ("candidate", 1), ("candidate", 2), ("best", 2), ("best", 3),
+                     ("candidate", 3)]
+    assert v.status == "keep" and v.reruns == 7 and len(v.runs) == len(v.best_runs) == 4
+    # the best crashing beside a candidate: nothing to compare with, discarded
+    rerun, rerun_best, order = scripted_pairs([0.9], [None])
+    v = rule.decide(0.9, Best(1.0), rerun, rerun_best=rerun_best)
+    assert v.status == "discard" and "of the best crashed" in v.reason and order == [("best", 0)]
+    # not better than the record: no run of either; --reruns 0: one run against the record
+    rerun, rerun_best, order = scripted_pairs([], [])
+    assert rule.decide(1.01, Best(1.0), rerun, rerun_best=rerun_best).status == "discard" and order == []
+    one = NoiseAware(sigma=0.03, confidence=0.95, reruns=0)
+    assert one.decide(0.92, Best(1.0), rerun, rerun_best=rerun_best).status == "keep" and order == []
 
 
 def test_sigma_is_pooled_over_samples_of_different_files():
@@ -146,20 +197,24 @@ def loop(d, edits, rule, **kw):
 
 
 def test_aa_lucky_run_is_kept_by_greedy_but_rerun_and_discarded_by_the_noise_rule(tmp_path, monkeypatch):
-    """The same training file again (a comment added), whose run happens to come out better
-    than the best by less than the noise: greedy keeps it, the noise rule re-runs it and
-    discards it. The noise is scripted run by run (NOISY_VALUES)."""
-    # baseline runs (mean +0.006, std 0.0251), the A/A candidate's lucky run (-0.03),
-    # its two re-runs (-0.02, +0.02): mean -0.01, a gain of 0.016 < 0.039 needed.
+    """The same training file again (a comment added), whose run comes out better than the
+    best's record because the box got faster: greedy keeps it; the noise rule runs the best's
+    file beside it, which comes out just as low, and discards it. The noise is scripted run
+    by run (NOISY_VALUES)."""
+    # baseline runs (mean +0.006, std 0.0251), the A/A candidate's run (-0.03), the best's run
+    # beside it (-0.02): 0.01 ahead, out of reach of t*sigma*sqrt(1/2 + 1/2) = 0.054 in 2 more runs
     monkeypatch.setenv("NOISY_VALUES", "0.02,-0.03,0.01,0.03,0.0,-0.03,-0.02,0.02")
     d = noisy_repo(tmp_path, monkeypatch, "noise")
     base, aa = loop(d, [("no-op", add_comment(0))], "noise", noise_runs=5)
     c = 1.0 + 0.5 * math.log(0.04 / 0.09) ** 2
     assert base["runs"] == pytest.approx([c + v for v in (0.02, -0.03, 0.01, 0.03, 0.0)], abs=2e-6)
-    assert aa["status"] == "discard" and aa["reruns"] == 2 and len(aa["runs"]) == 3
-    assert aa["val_bpb"] == pytest.approx(sum(aa["runs"]) / 3)
-    assert "mean of 3 runs" in aa["decision"]
-    assert [r["seed"] for r in ledger_records(d, "rerun")] == [43, 44]
+    assert aa["status"] == "discard" and aa["reruns"] == 1 and "stopped early" in aa["decision"]
+    assert aa["runs"] == pytest.approx([c - 0.03], abs=2e-6) and aa["best_runs"] == pytest.approx([c - 0.02], abs=2e-6)
+    reruns = ledger_records(d, "rerun")
+    assert [(r["seed"], r["of_best"]) for r in reruns] == [(42, base["commit"])]
+    assert aa["best_seeds"] == [42]
+    import git
+    assert git.Repo(d).git.status("--porcelain") == ""     # the best's run log is an excluded run output
 
     monkeypatch.setenv("NOISY_VALUES", "0.02,-0.03")
     g = noisy_repo(tmp_path, monkeypatch, "greedy")
@@ -192,15 +247,16 @@ def test_aa_stream_noise_rule_keeps_far_fewer_than_greedy(tmp_path, monkeypatch)
 
 
 def test_planted_real_improvements_are_kept(tmp_path, monkeypatch):
-    """Scripted noise (sigma ~0.026 from 4 baseline runs): every apparent gain is re-run; two
-    real gains are kept on their means, no-op edits around them are discarded once their first
-    re-run puts them out of reach, and sigma is pooled over the re-runs as they come in."""
+    """Scripted noise (sigma ~0.026 from 4 baseline runs): every apparent gain is re-run beside
+    runs of the best; two real gains are kept on their means, no-op edits around them are
+    discarded once the best's first run beside them puts them out of reach, and sigma is
+    pooled over the re-runs as they come in."""
     monkeypatch.setenv("NOISY_VALUES", ",".join(map(str, [
         0.02, -0.03, 0.01, 0.03,       # baseline: 4 runs
-        0.0, 0.01,                     # no-op: inside the band, its re-run does not confirm
-        0.01, -0.01, 0.0,              # real gain 0.15: confirmed by its re-runs
-        -0.01, 0.005,                  # no-op after the gain: re-run once, discarded
-        0.03, -0.01, 0.0])))           # real gain 0.10, unlucky first run: kept on the mean
+        0.0, 0.01,                     # no-op: inside the band; the best beside it does as well
+        0.01, 0.0, -0.01, 0.0,         # real gain 0.15: the best twice, then the candidate again
+        -0.005, 0.005,                 # no-op after the gain: the best beside it puts it out of reach
+        0.03, -0.01, 0.0, -0.01])))    # real gain 0.10, unlucky first run: kept on the means
     d = noisy_repo(tmp_path, monkeypatch)
     results = loop(d, [("no-op", add_comment(0)),
                        ("real gain 0.15", set_const("OFFSET", -0.15)),
@@ -208,17 +264,24 @@ def test_planted_real_improvements_are_kept(tmp_path, monkeypatch):
                        ("real gain 0.10", set_const("OFFSET", -0.25))], "noise", noise_runs=4)
     by = {r["description"]: r for r in results}
     assert [r["status"] for r in results] == ["keep", "discard", "keep", "discard", "keep"]
-    assert [r["reruns"] for r in results[1:]] == [1, 2, 1, 2]
+    assert [r["reruns"] for r in results[1:]] == [1, 3, 1, 3]
     assert all(r["val_bpb"] == pytest.approx(sum(r["runs"]) / len(r["runs"])) for r in results[1:])
     late = by["real gain 0.10"]
+    c = 1.0 + 0.5 * math.log(0.04 / 0.09) ** 2
+    # the best's runs beside it are runs of the best's file (OFFSET -0.15), not of the candidate's
+    assert late["best_runs"] == pytest.approx([c - 0.16, c - 0.15], abs=2e-6)
+    assert late["runs"] == pytest.approx([c - 0.22, c - 0.26], abs=2e-6)
     assert late["val_bpb"] < by["real gain 0.15"]["val_bpb"]
-    # the last decision's sigma: the baseline's 4 runs and the one pair of re-runs before it
-    sigma, df = pooled_sigma([results[0]["runs"]] + [r["runs"][1:] for r in results[1:4]])
+    # the last decision's sigma: the baseline's 4 runs and the best's 2 runs beside the first gain
+    sigma, df = pooled_sigma([results[0]["runs"], by["real gain 0.15"]["best_runs"]])
     assert (late["sigma_df"], late["sigma"]) == (df, pytest.approx(sigma, abs=1e-6)) and df == 4
     assert by["no-op"]["sigma_df"] == 3
+    import git
+    repo = git.Repo(d)
+    assert repo.git.status("--porcelain") == "" and repo.head.commit.hexsha == late["commit"]
     s = run_cli(d, "report", env=cli_env())
     assert s.returncode == 0, s.stderr
-    assert "keep rule noise: 2 keeps of 4 scored experiments, 6 re-runs" in s.stdout
+    assert "keep rule noise: 2 keeps of 4 scored experiments, 8 re-runs" in s.stdout
 
 
 def test_identical_training_file_is_never_run_twice(tmp_path, monkeypatch):
