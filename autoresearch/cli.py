@@ -13,6 +13,7 @@ import git
 
 from . import gitops
 from .agents import AGENTS, default_agent_name, make_agent
+from .decide import DEFAULT_RERUNS
 from .ledger import Ledger, LedgerWriteError
 from .trainer import BACKENDS, SetupError, Trainer, confine, detect_backend, harness_info
 
@@ -116,9 +117,9 @@ def add_decision_args(r) -> None:
                         "strictly-lower rule")
     g.add_argument("--confidence", type=float, default=0.95,
                    help="one-sided confidence a keep needs under --decide noise (default 0.95)")
-    g.add_argument("--reruns", type=int, default=2, metavar="N",
-                   help="re-runs of a candidate better than the best, fewer once it is out of reach "
-                        "(default 2; 0: one run decides)")
+    g.add_argument("--reruns", type=int, default=DEFAULT_RERUNS, metavar="N",
+                   help="runs that confirm a candidate better than the best: the best's and the candidate's "
+                        f"in turn, fewer once it is out of reach (default {DEFAULT_RERUNS}; 0: one run decides)")
     g.add_argument("--noise-runs", type=int, default=5, metavar="K",
                    help="baseline runs that measure the noise floor when the ledger has none (default 5)")
 

@@ -21,6 +21,11 @@ candidate of the wave has it and the others are A/A.
 --after-keep G judges a second candidate against a first one, G sigma better than the
 baseline, that was kept: the best is then the kept candidate's mean, on its runs, which is
 what a rule that re-runs keeps fewer times pays for in the next decision.
+
+--drift D adds what a shared box does: its speed, and so every run's value, wanders as a
+random walk of D sigma per run. The candidate is judged --gap runs after the baseline was
+measured, once against the best's record and once beside runs of the best (the runner's
+rule), each on the same draws.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from autoresearch.decide import Best, Greedy, NoiseAware  # noqa: E402
+from autoresearch.decide import DEFAULT_RERUNS, Best, Greedy, NoiseAware  # noqa: E402
 
 
 def load_values(args) -> list[float]:
@@ -135,6 +140,46 @@ def simulate_after_keep(values, trials, noise_runs, reruns, confidence, shift_si
     return out
 
 
+def simulate_drift(values, trials, noise_runs, reruns, confidence, shift_sigmas, normal, seed, drift, gap):
+    """Keep rates with a drifting box: against the best's record (measured `gap` runs before
+    the candidate) and paired with runs of the best beside the candidate's."""
+    draw, _, sd = sampler(values, normal, seed + 3)
+    rng = random.Random(seed + 4)
+    out = {}
+    for g in shift_sigmas:
+        kept = {"record": 0, "paired": 0}
+        runs = {"record": 0, "paired": 0}
+        for _ in range(trials):
+            level = [0.0]
+
+            def run(shift):
+                level[0] += rng.gauss(0.0, drift * sd)
+                return draw(shift) + level[0]
+            base_runs = [run(0.0) for _ in range(noise_runs)]
+            for _ in range(gap):
+                level[0] += rng.gauss(0.0, drift * sd)
+            best = Best(statistics.fmean(base_runs), noise_runs)
+            start = level[0]
+            for how in ("record", "paired"):
+                level[0] = start      # both rules see the box in the same state
+                rule = NoiseAware(statistics.stdev(base_runs), confidence, reruns, df=noise_runs - 1)
+                shift = -g * sd
+                used = []
+
+                def rerun(i, s=shift):
+                    used.append(i)
+                    return run(s)
+
+                def rerun_best(i):
+                    used.append(i)
+                    return run(0.0)
+                v = rule.decide(run(shift), best, rerun, rerun_best=rerun_best if how == "paired" else None)
+                kept[how] += v.status == "keep"
+                runs[how] += len(used)
+        out[g] = {k: kept[k] / trials for k in kept} | {f"{k}_runs": runs[k] / trials for k in runs}
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -142,7 +187,7 @@ def main(argv=None):
     src.add_argument("--ledger", help="ledger.jsonl with a `noise` record")
     p.add_argument("--trials", type=int, default=20000)
     p.add_argument("--noise-runs", type=int, default=5)
-    p.add_argument("--reruns", type=int, default=2)
+    p.add_argument("--reruns", type=int, default=DEFAULT_RERUNS)
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--gains", type=float, nargs="+", default=[0.0, 1.0, 2.0, 3.0],
                    help="real gains to plant, in units of sigma (0 = A/A)")
@@ -151,6 +196,9 @@ def main(argv=None):
     p.add_argument("--parallel", type=int, default=4, metavar="N", help="candidates per wave (0: skip the waves)")
     p.add_argument("--after-keep", type=float, default=None, metavar="G",
                    help="also judge a second candidate after a first one G sigma better was kept")
+    p.add_argument("--drift", type=float, default=None, metavar="D",
+                   help="also simulate a box whose speed drifts D sigma per run (random walk)")
+    p.add_argument("--gap", type=int, default=10, help="with --drift: runs between the baseline's and the candidate's")
     args = p.parse_args(argv)
     values = load_values(args)
     if len(values) < 3:
@@ -197,6 +245,16 @@ def main(argv=None):
         for g, r in after.items():
             label = "A/A" if g == 0 else f"{g:g} sigma"
             print(f"{label:>10}  {r['kept']:>11.4f}  {r['runs']:>12.2f}")
+    if args.drift is not None:
+        res = simulate_drift(values, args.trials, args.noise_runs, args.reruns, args.confidence, args.gains,
+                             args.normal, args.seed, args.drift, args.gap)
+        print(f"\nDRIFT of {args.drift:g} sigma per run (random walk), the candidate {args.gap} runs after the "
+              "baseline: keep rates against the best's record and beside runs of the best (re-runs per decision)")
+        print(f"{'real gain':>10}  {'vs record':>9}  {'paired':>6}  {'re-runs, record':>15}  {'re-runs, paired':>15}")
+        for g, r in res.items():
+            label = "A/A" if g == 0 else f"{g:g} sigma"
+            print(f"{label:>10}  {r['record']:>9.4f}  {r['paired']:>6.4f}  {r['record_runs']:>15.2f}  "
+                  f"{r['paired_runs']:>15.2f}")
 
 
 if __name__ == "__main__":

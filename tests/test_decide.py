@@ -411,3 +411,17 @@ def test_after_a_keep_the_best_stands_on_the_keeps_runs():
     assert after[2.0]["kept"] < first[2.0]["noise"] - 0.03
     assert after[0.0]["kept"] < 0.08
     assert 4.5 < after[0.0]["runs"] < 5.0     # 3 runs for the first keep, 1 to 3 for the no-op
+
+
+def test_on_a_drifting_box_pairing_with_the_best_stops_the_false_keeps():
+    """bench/false_keep.py --drift: when the box's speed wanders (a random walk of half a
+    sigma per run), a no-op edit judged 10 runs after the baseline against the best's record
+    is kept several times as often as the rule allows; beside runs of the best it is not,
+    and a real 3-sigma gain is still kept most of the time."""
+    fk = false_keep_bench()
+    values = [2.3095, 2.3148, 2.2965, 2.3163, 2.3072]
+    res = fk.simulate_drift(values, 3000, 5, 3, 0.95, [0.0, 3.0], True, 0, 0.5, 10)
+    assert res[0.0]["record"] > 0.12 and res[0.0]["paired"] < 0.04
+    assert res[3.0]["paired"] > 0.55
+    still = fk.simulate_drift(values, 3000, 5, 3, 0.95, [0.0], True, 0, 0.0, 10)   # no drift: both rules hold
+    assert still[0.0]["record"] < 0.07 and still[0.0]["paired"] < 0.07
