@@ -180,6 +180,10 @@ def simulate_drift(values, trials, noise_runs, reruns, confidence, shift_sigmas,
     return out
 
 
+def gain_label(g: float) -> str:
+    return "A/A" if g == 0 else f"{g:g} sigma"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -211,7 +215,7 @@ def main(argv=None):
           f"confidence {args.confidence}")
     print(f"{'real gain':>10}  {'greedy keeps':>12}  {'noise keeps':>11}  {'re-runs/decision':>16}")
     for g, r in res.items():
-        label = "A/A" if g == 0 else f"{g:g} sigma"
+        label = gain_label(g)
         print(f"{label:>10}  {r['greedy']:>12.3f}  {r['noise']:>11.3f}  {r['reruns_per_decision']:>16.2f}")
     aa = res.get(0.0)
     if aa and aa["noise"] > 0:
@@ -225,7 +229,7 @@ def main(argv=None):
         print(f"{'real gain':>10}  {'sequential':>10}  {'wave, confirmed':>15}  {'per candidate':>13}  "
               f"{'wave, naive':>11}  {'the real one kept':>17}")
         for g, r in waves.items():
-            label = "A/A" if g == 0 else f"{g:g} sigma"
+            label = gain_label(g)
             print(f"{label:>10}  {res[g]['noise']:>10.4f}  {r['confirmed']:>15.4f}  {r['confirmed'] / n:>13.4f}  "
                   f"{r['naive']:>11.4f}  {r['real']:>17.4f}")
         w = waves.get(0.0)
@@ -243,16 +247,16 @@ def main(argv=None):
               "second one judged against it (keep rate of the second, given the first was kept; runs of both)")
         print(f"{'real gain':>10}  {'second kept':>11}  {'runs of both':>12}")
         for g, r in after.items():
-            label = "A/A" if g == 0 else f"{g:g} sigma"
+            label = gain_label(g)
             print(f"{label:>10}  {r['kept']:>11.4f}  {r['runs']:>12.2f}")
     if args.drift is not None:
-        res = simulate_drift(values, args.trials, args.noise_runs, args.reruns, args.confidence, args.gains,
+        drifted = simulate_drift(values, args.trials, args.noise_runs, args.reruns, args.confidence, args.gains,
                              args.normal, args.seed, args.drift, args.gap)
         print(f"\nDRIFT of {args.drift:g} sigma per run (random walk), the candidate {args.gap} runs after the "
               "baseline: keep rates against the best's record and beside runs of the best (re-runs per decision)")
         print(f"{'real gain':>10}  {'vs record':>9}  {'paired':>6}  {'re-runs, record':>15}  {'re-runs, paired':>15}")
-        for g, r in res.items():
-            label = "A/A" if g == 0 else f"{g:g} sigma"
+        for g, r in drifted.items():
+            label = gain_label(g)
             print(f"{label:>10}  {r['record']:>9.4f}  {r['paired']:>6.4f}  {r['record_runs']:>15.2f}  "
                   f"{r['paired_runs']:>15.2f}")
 

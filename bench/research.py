@@ -10,11 +10,13 @@ An arm starts from train_mlx.py with a planted handicap (`lr`: every learning ra
 `warmdown`: WARMDOWN_RATIO = 0; `depth`: DEPTH = 8, too deep for the budget), committed in a
 fresh checkout of this project's harness under --workdir, and runs the real loop on it
 (`Runner`: sandboxed runs, the trusted scorer, the chosen keep rule) for --experiments
-experiments with the offline agent. Then every file that matters is re-scored with fresh
-seeds (1000, 1001, ...; the loop uses 42 and up), through the same sandboxed launch:
+experiments with the offline agent (the noise rule measures its noise floor on the start:
+--noise-runs baseline runs). Then every file that matters is re-scored with fresh seeds
+(1000, 1001, ...; the loop uses 42 and up), through the same sandboxed launch, a round per
+seed (seed 1000 of every file, then 1001, ...: a box's speed drifts within the hour, so
+files compared with each other run minutes apart):
 
-  - the start, with --seeds (its fresh runs also give the loop its noise floor),
-  - the reference: the file without the handicap, with --seeds,
+  - the start and the reference (the file without the handicap), with --seeds,
   - the final best (the last keep), with --seeds,
   - every keep before it, with --keep-seeds (default 2: each such keep costs ~3 minutes).
 
@@ -22,10 +24,11 @@ It prints the share of the handicap's gap recovered, (start - best) / (start - r
 fresh-seed means; the keeps; and the keep precision: of the kept commits, how many beat their
 parent (the previous keep, or the start) on the mean of the fresh seeds both ran (paired
 seeds: the same initial weights for both files). The A/A arm has no handicap and
-an agent that only rewrites a comment: every keep there is a false keep.
+an agent that only rewrites a comment: every keep there is a false keep (with none, nothing
+is re-scored).
 
-Fresh-seed scores are cached per training-file content in <workdir>/scores.json, so arms
-sharing a start or a reference measure it once; one JSON line per arm goes to
+Fresh-seed scores are cached per arm and training-file content in <workdir>/<arm>.scores.json,
+so --resume does not measure them again; one JSON line per arm goes to
 <workdir>/research.jsonl. Needs the builtin dataset (`uv run prepare.py --dataset builtin`).
 """
 from __future__ import annotations
@@ -45,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from autoresearch import gitops  # noqa: E402
 from autoresearch.agents import Agent, Proposal, make_agent  # noqa: E402
 from autoresearch.agents.hparam import blob_hash, read_constants, set_constant  # noqa: E402
-from autoresearch.decide import DEFAULT_RERUNS  # noqa: E402
+from autoresearch.decide import DEFAULT_NOISE_RUNS, DEFAULT_RERUNS  # noqa: E402
 from autoresearch.integrity import check_summary  # noqa: E402
 from autoresearch.noise import measure  # noqa: E402
 from autoresearch.policy import Decisions  # noqa: E402
@@ -107,8 +110,9 @@ def checkout(path: Path, training_text: str) -> Path:
 
 def share_kernels(src: Path, dst: Path, key: str) -> None:
     """Give checkout `dst` the compiled kernels of the file with kernel_key `key` that `src`'s
-    runs built, so its first run of that file skips MLX's ~55 s CPU compile. Only for the
-    start file, which the benchmark wrote: kernels of an agent's file never cross checkouts."""
+    runs built (the loop's, to the re-scoring's), so its first run of that file skips MLX's
+    ~55 s CPU compile. Only for the start file, which the benchmark wrote: kernels of an
+    agent's file never cross checkouts."""
     built = src / ".git" / "autoresearch-kernels" / key
     target = dst / ".git" / "autoresearch-kernels" / key
     if built.is_dir() and not target.exists():
@@ -131,9 +135,10 @@ class FreshScores:
     """Fresh-seed val_bpb of training files, cached by content in <workdir>/scores.json. A file
     asked for more seeds than it has runs the missing ones (the next seeds) and keeps the rest."""
 
-    def __init__(self, workdir: Path, seeds: int):
-        self.path = workdir / "scores.json"
+    def __init__(self, workdir: Path, seeds: int, name: str = "scores.json", kernels_from: Path | None = None):
+        self.path = workdir / name
         self.seeds = seeds
+        self.kernels_from = kernels_from   # a checkout whose compiled kernels of the start the scratch may take
         self.cache = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.scratch = workdir / "rescore"
         self.kernel_seed: str | None = None   # kernel_key of the start: each new file's first run begins from its kernels
@@ -148,7 +153,11 @@ class FreshScores:
         return {s: v for s, v in zip(entry["seeds"], entry["values"]) if s < FRESH_SEED + wanted}
 
     def _run(self, text: str, label: str, entry: dict, wanted: int) -> None:
-        root = checkout(self.scratch, text) if not self.scratch.exists() else self.scratch
+        root = self.scratch
+        if not root.exists():
+            checkout(root, text)
+            if self.kernels_from and self.kernel_seed:
+                share_kernels(self.kernels_from, root, self.kernel_seed)
         (root / TRAINING_FILE).write_text(text)
         commit(root, label)
         trainer = Trainer.for_backend("mlx")
@@ -182,7 +191,7 @@ def mean(values) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def run_arm(args, workdir: Path, scores: FreshScores) -> dict:
+def run_arm(args, workdir: Path) -> dict:
     t0 = time.time()
     reference = (REPO / TRAINING_FILE).read_text()
     handicaps = ["none"] if args.arm == "aa" else args.handicap.split(",")
@@ -194,20 +203,15 @@ def run_arm(args, workdir: Path, scores: FreshScores) -> dict:
     root = workdir / tag
     if args.resume and not (root / "ledger.jsonl").exists():
         sys.exit(f"--resume: {root} holds no interrupted arm {tag}; run the arm without --resume.")
-    start_fresh = scores.of(start, "start")
-    scores.kernel_seed = kernel_key(start.encode())
-    ref_fresh = start_fresh if args.arm == "aa" else scores.of(reference, "reference")
 
     rule = "greedy" if args.arm == "greedy" else "noise"
     if not args.resume:
         checkout(root, start)
-        share_kernels(scores.scratch, root, scores.kernel_seed)
-        if rule == "noise":   # the start's fresh runs are the loop's noise floor
-            seed_noise_floor(root, list(start_fresh.values()))
     agent = CommentAgent() if args.arm == "aa" else make_agent(args.agent)
     runner = Runner(root, RunConfig(tag=tag, backend="mlx", max_experiments=args.experiments),
                     agent, Trainer.for_backend("mlx"),
-                    decisions=Decisions(rule, confidence=args.confidence, reruns=args.reruns))
+                    decisions=Decisions(rule, confidence=args.confidence, reruns=args.reruns,
+                                        noise_runs=args.noise_runs))
     before = active_minutes(runner.ledger) if args.resume else 0.0   # the part before the interruption
     run(runner, resume=args.resume)
     loop_minutes = before + (time.time() - t0) / 60
@@ -216,7 +220,21 @@ def run_arm(args, workdir: Path, scores: FreshScores) -> dict:
     kept = [r for r in results if r["status"] == "keep"]
     repo = gitops.open_repo(root)
     keeps = [(r, repo.git.show(f"{r['commit']}:{TRAINING_FILE}") + "\n") for r in kept[1:]]
-    kept_rows, best_fresh = rescore_keeps(scores, keeps, start_fresh, min(args.keep_seeds, args.seeds))
+    scores = FreshScores(workdir, args.seeds, name=f"{tag}.scores.json", kernels_from=root)
+    scores.kernel_seed = kernel_key(start.encode())
+    keep_seeds = min(args.keep_seeds, args.seeds)
+    if args.arm == "aa" and not keeps:
+        # nothing kept, nothing to re-score: the start (the reference too) is the baseline's runs
+        runs = results[0].get("runs") or [results[0]["val_bpb"]]
+        start_fresh = ref_fresh = dict(enumerate(runs))
+        kept_rows, best_fresh = [], start_fresh
+    else:
+        files = [("start", start, args.seeds)] + ([] if args.arm == "aa" else [("reference", reference, args.seeds)])
+        files += [(f"keep {r['exp']}", text, args.seeds if r is keeps[-1][0] else keep_seeds) for r, text in keeps]
+        score_in_rounds(scores, files)
+        start_fresh = scores.of(start, "start")
+        ref_fresh = start_fresh if args.arm == "aa" else scores.of(reference, "reference")
+        kept_rows, best_fresh = rescore_keeps(scores, keeps, start_fresh, keep_seeds)
     precise = sum(k["beats_parent"] for k in kept_rows)
     start_mean, ref_mean, best_mean = (mean(f.values()) for f in (start_fresh, ref_fresh, best_fresh))
     gap = start_mean - ref_mean
@@ -235,6 +253,19 @@ def run_arm(args, workdir: Path, scores: FreshScores) -> dict:
     with open(workdir / "research.jsonl", "a") as f:
         f.write(json.dumps(summary) + "\n")
     return summary
+
+
+def score_in_rounds(scores: FreshScores, files: list[tuple[str, str, int]]) -> None:
+    """Fresh seeds of (label, training file, seeds) files a round at a time: seed 1000 of every
+    file, then seed 1001 of those that want it, and so on, so that the files compared with
+    each other (a keep with its parent, the best with the start and the reference) ran minutes
+    apart. The box's speed drifts within an hour by more than the gaps measured here (the
+    start's 4 fresh runs made 117-126 steps at 14:00 on 2026-12-07, the same file's loop runs
+    153 steps twenty minutes later)."""
+    for j in range(max((n for _, _, n in files), default=0)):
+        for label, text, n in files:
+            if j < n:
+                scores.of(text, label, j + 1)
 
 
 def rescore_keeps(scores: FreshScores, keeps: list[tuple[dict, str]], start_fresh: dict[int, float],
@@ -260,19 +291,6 @@ def active_minutes(ledger) -> float:
     records = ledger.records()
     starts = [i for i, r in enumerate(records) if r["event"] == "session"] + [len(records)]
     return sum(records[j - 1]["time"] - records[i]["time"] for i, j in zip(starts, starts[1:])) / 60
-
-
-def seed_noise_floor(root: Path, values: list[float]) -> None:
-    """Record the start's fresh-seed runs as the run's noise floor (what `autoresearch noise` writes)."""
-    from autoresearch.decide import spread
-    from autoresearch.ledger import Ledger
-    gitops.exclude_run_outputs(gitops.open_repo(root))
-    harness = harness_info(root)
-    Ledger(root, "noise").append("noise", source="research bench (fresh seeds of the start)", backend="mlx",
-                                 harness=harness, training_file=TRAINING_FILE,
-                                 blob=blob_hash((root / TRAINING_FILE).read_text()), values=values,
-                                 seeds=list(range(FRESH_SEED, FRESH_SEED + len(values))), problems=[],
-                                 **spread(values))
 
 
 def machine() -> str:
@@ -312,6 +330,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep-seeds", type=int, default=2,
                    help="fresh seeds of each keep before the best (its precision is judged on the seeds it shares with its parent)")
     p.add_argument("--reruns", type=int, default=DEFAULT_RERUNS)
+    p.add_argument("--noise-runs", type=int, default=DEFAULT_NOISE_RUNS,
+                   help="baseline runs of the start that measure the loop's noise floor")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--profile", default="cpu", help="cpu (the benchmark); smoke only checks that the script runs")
     p.add_argument("--resume", action="store_true",
@@ -322,7 +342,7 @@ def main(argv=None) -> int:
     os.environ["AUTORESEARCH_PROFILE"] = args.profile
     os.environ["AUTORESEARCH_DATASET"] = "builtin"
     args.workdir.mkdir(parents=True, exist_ok=True)
-    summary = run_arm(args, args.workdir, FreshScores(args.workdir, args.seeds))
+    summary = run_arm(args, args.workdir)
     print(report(summary))
     return 0
 

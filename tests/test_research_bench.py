@@ -63,36 +63,37 @@ def test_a_resumed_arm_counts_only_the_minutes_its_loop_ran(tmp_path):
                        "--profile", "smoke"])
 
 
-def test_rescoring_and_the_loop_start_from_the_start_files_kernels(tmp_path, monkeypatch):
-    """Every re-scored file's first run, and the loop's baseline, begin from the start's
-    compiled kernels (each cold compile costs a cpu run ~55 s); the start's own cache is the
-    only one shared, and only into a checkout that lacks it."""
+def test_rescoring_starts_from_the_loops_kernels_of_the_start_and_runs_in_rounds(tmp_path, monkeypatch):
+    """The re-scoring checkout begins from the start's kernels that the loop compiled (each cold
+    compile costs a cpu run ~55 s), never from those of an agent's file; and it runs a round per
+    seed, so a keep and its parent, or the best and the start, are measured minutes apart."""
     text = (REPO / "train_mlx.py").read_text()
-    seen = []
+    start, keep1, best = research.plant(text, ["lr"]), research.plant(text, ["warmdown"]), text
+    key = research.kernel_key(start.encode())
+    loop = research.checkout(tmp_path / "loop", start)
+    kernels = loop / ".git" / "autoresearch-kernels"
+    for k in (key, research.kernel_key(keep1.encode())):
+        (kernels / k).mkdir(parents=True)
+        (kernels / k / "kernel.so").write_text(f"built by the loop for {k}")
+    calls, found = [], []
 
-    def fake_measure(trainer, root, runs, timeout, **kw):
-        seen.append(trainer.kernel_seed)
-        built = root / ".git" / "autoresearch-kernels" / research.kernel_key((root / "train_mlx.py").read_bytes())
-        built.mkdir(parents=True, exist_ok=True)
-        (built / "kernel.so").write_text(f"built from {len(seen)}")
-        return [2.5] * runs, list(range(runs)), []
+    def fake_measure(trainer, root, runs, timeout, first_seed, **kw):
+        found.append(sorted(p.name for p in (root / ".git" / "autoresearch-kernels").iterdir()))
+        calls.append(({start: "start", keep1: "keep 1", best: "best"}[(root / "train_mlx.py").read_text()],
+                      runs, first_seed))
+        return [2.5] * runs, list(range(first_seed, first_seed + runs)), []
 
     monkeypatch.setattr(research, "measure", fake_measure)
-    scores = research.FreshScores(tmp_path, 2)
-    start = research.plant(text, ["lr"])
-    scores.of(start, "start")
-    scores.kernel_seed = research.kernel_key(start.encode())
-    scores.of(text, "reference")
-    assert seen == [None, research.kernel_key(start.encode())]
-
-    loop = research.checkout(tmp_path / "loop", start)
-    research.share_kernels(scores.scratch, loop, scores.kernel_seed)
-    shared = loop / ".git" / "autoresearch-kernels" / scores.kernel_seed / "kernel.so"
-    assert shared.read_text() == "built from 1"
-    shared.write_text("the loop's own")
-    research.share_kernels(scores.scratch, loop, scores.kernel_seed)
-    assert shared.read_text() == "the loop's own"
-    assert sorted(p.name for p in (loop / ".git" / "autoresearch-kernels").iterdir()) == [scores.kernel_seed]
+    scores = research.FreshScores(tmp_path, 4, name="arm.scores.json", kernels_from=loop)
+    scores.kernel_seed = key
+    research.score_in_rounds(scores, [("start", start, 4), ("keep 1", keep1, 2), ("best", best, 4)])
+    assert found[0] == [key]      # the start's kernels only
+    assert (tmp_path / "rescore" / ".git" / "autoresearch-kernels" / key / "kernel.so").read_text() == \
+        f"built by the loop for {key}"
+    assert calls == [("start", 1, 1000), ("keep 1", 1, 1000), ("best", 1, 1000),
+                     ("start", 1, 1001), ("keep 1", 1, 1001), ("best", 1, 1001),
+                     ("start", 1, 1002), ("best", 1, 1002), ("start", 1, 1003), ("best", 1, 1003)]
+    assert (tmp_path / "arm.scores.json").exists() and not (tmp_path / "scores.json").exists()
 
 
 def test_keeps_before_the_best_get_fewer_seeds_and_are_judged_on_the_seeds_both_ran(tmp_path, monkeypatch):
