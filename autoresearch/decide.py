@@ -160,10 +160,12 @@ class NoiseAware:
         need = self.margin(len(runs), len(best_runs))
         status = "keep" if mean_gain >= need else "discard"
         stopped = "; re-runs stopped early: out of reach" if len(runs) + len(best_runs) <= len(plan) else ""
+        what = f"mean of {len(runs)} runs" if len(runs) > 1 else "one run"
+        beside = f"the mean of the best's {len(best_runs)} runs" if len(best_runs) > 1 else "the best's run"
         return Verdict(status, mean, runs, seeds,
-                       f"mean of {len(runs)} runs better than the best's {len(best_runs)} beside them "
-                       f"({best_mean:.6g}) by {mean_gain:.6g} {'>=' if status == 'keep' else '<'} {need:.6g} "
-                       f"(t={self.z:.2f}, sigma={self.sigma:.6g}){stopped}", best_runs, best_seeds)
+                       f"{what} better than {beside} beside it ({best_mean:.6g}) by {mean_gain:.6g} "
+                       f"{'>=' if status == 'keep' else '<'} {need:.6g} (t={self.z:.2f}, sigma={self.sigma:.6g}){stopped}",
+                       best_runs, best_seeds)
 
     def _against_record(self, value: float, best: Best, rerun: Callable[[int], float | None],
                         direction: str) -> Verdict:
