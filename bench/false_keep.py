@@ -9,7 +9,10 @@ the best, its sample std the rule's sigma, so sigma's own estimation error is in
 then a candidate with the SAME distribution (A/A) or one shifted by g * sigma is judged by
 greedy and by the noise-aware rule (decide.py, re-runs drawn from the same distribution).
 Draws are either resampled from the measured values (empirical, with replacement) or
-normal with their mean and std (--normal). Prints keep rates and re-runs per decision.
+normal with their mean and std (--normal). Prints keep rates and re-runs per decision, of
+the rule against the best's record and of the runner's rule, paired with runs of the best
+(drawn from the baseline's distribution). The waves and --after-keep judge against the
+record (the rule before 2026-12-07).
 
 --parallel N (default 4) plays a wave of N candidates from one parent, as `run --workers N`
 does: the best first run of the wave is confirmed by a fresh run that goes through the rule
@@ -66,8 +69,8 @@ def simulate(values, trials, noise_runs, reruns, confidence, shift_sigmas, norma
     out = {}
     for g in shift_sigmas:
         shift = -g * sd    # lower val_bpb is better: a real gain of g sigma
-        keeps = {"greedy": 0, "noise": 0}
-        rerun_count = 0
+        keeps = {"greedy": 0, "noise": 0, "paired": 0}
+        rerun_count = paired_count = 0
         for _ in range(trials):
             base_runs = [draw(0.0) for _ in range(noise_runs)]
             single = base_runs[0]
@@ -75,15 +78,24 @@ def simulate(values, trials, noise_runs, reruns, confidence, shift_sigmas, norma
             # greedy: upstream compares with a single baseline run
             keeps["greedy"] += Greedy().decide(cand, Best(single), lambda i: None).status == "keep"
             rule = NoiseAware(statistics.stdev(base_runs), confidence, reruns, df=noise_runs - 1)
+            best = Best(statistics.fmean(base_runs), noise_runs)
             used = []
 
             def rerun(i):
                 used.append(i)
                 return draw(shift)
-            keeps["noise"] += rule.decide(cand, Best(statistics.fmean(base_runs), noise_runs), rerun).status == "keep"
+
+            def rerun_best(i):
+                used.append(i)
+                return draw(0.0)
+            keeps["noise"] += rule.decide(cand, best, rerun).status == "keep"
             rerun_count += len(used)
+            used.clear()
+            keeps["paired"] += rule.decide(cand, best, rerun, rerun_best=rerun_best).status == "keep"
+            paired_count += len(used)
         out[g] = {"greedy": keeps["greedy"] / trials, "noise": keeps["noise"] / trials,
-                  "reruns_per_decision": rerun_count / trials}
+                  "paired": keeps["paired"] / trials, "reruns_per_decision": rerun_count / trials,
+                  "paired_reruns": paired_count / trials}
     return mu, sd, out
 
 
@@ -213,10 +225,13 @@ def main(argv=None):
     print(f"SIMULATION ({kind}): {len(values)} measured values, mean {mu:.6f}, std {sd:.6f}; "
           f"{args.trials} trials each; baseline {args.noise_runs} runs, {args.reruns} re-runs, "
           f"confidence {args.confidence}")
-    print(f"{'real gain':>10}  {'greedy keeps':>12}  {'noise keeps':>11}  {'re-runs/decision':>16}")
+    print("noise: against the best's record; paired: beside runs of the best (the runner's rule)")
+    print(f"{'real gain':>10}  {'greedy keeps':>12}  {'noise keeps':>11}  {'re-runs/decision':>16}  "
+          f"{'paired keeps':>12}  {'re-runs/decision':>16}")
     for g, r in res.items():
         label = gain_label(g)
-        print(f"{label:>10}  {r['greedy']:>12.3f}  {r['noise']:>11.3f}  {r['reruns_per_decision']:>16.2f}")
+        print(f"{label:>10}  {r['greedy']:>12.3f}  {r['noise']:>11.3f}  {r['reruns_per_decision']:>16.2f}  "
+              f"{r['paired']:>12.3f}  {r['paired_reruns']:>16.2f}")
     aa = res.get(0.0)
     if aa and aa["noise"] > 0:
         print(f"A/A false-keep ratio greedy / noise-aware: {aa['greedy'] / aa['noise']:.1f}x")
