@@ -542,7 +542,7 @@ def test_program_md_states_the_integrity_checks_and_the_keep_rule():
     assert "picks the validation rows, their order and the number of eval tokens" in text
     assert "runs in an OS sandbox" in text and "validation shard is unreadable" in text
     assert "hidden validation slice" in text.lower() and "kept runs" in text
-    assert "re-runs every result better than the best with new seeds" in text and "`--decide noise`" in text
+    assert "re-runs every result better than the best, beside fresh runs of the best" in text and "`--decide noise`" in text
     # the facts behind the text: under the runner prepare.py hands logits to the scorer; noise
     # is the CLI's default rule
     assert "SCORER_FD_ENV" in (PROJECT / "prepare.py").read_text() and SCORER_FD_ENV == "AUTORESEARCH_SCORER_FD"
