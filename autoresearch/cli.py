@@ -266,7 +266,6 @@ def cmd_noise(args) -> int:
     except SetupError:
         tag = default_tag()
     gitops.exclude_run_outputs(repo)
-    gitops.exclude_run_outputs(repo, ("run.seed*.log",))
     return measure_noise(args, trainer, harness, Ledger(root, tag), root)
 
 

@@ -241,15 +241,18 @@ class Decisions:
 
         best_commit = r.best_commit()
         path = r.repo_root / r.training_file
+        files = {}      # the candidate's and the best's bytes, read at the first run of the best
 
         def rerun_best(i: int) -> float | None:
             # the best's file in the working tree for one run; --resume resets a killed one
-            candidate = path.read_bytes()
-            path.write_bytes(gitops.file_at(r.repo_root, best_commit, r.training_file))
+            if not files:
+                files.update(candidate=path.read_bytes(),
+                             best=gitops.file_at(r.repo_root, best_commit, r.training_file))
+            path.write_bytes(files["best"])
             try:
                 return rerun(i, of_best=True)
             finally:
-                path.write_bytes(candidate)
+                path.write_bytes(files["candidate"])
 
         verdict = self.decider.decide(value, best, rerun, self.direction, rerun_best)
         extra["decision"] = verdict.reason

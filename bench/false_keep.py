@@ -266,7 +266,7 @@ def main(argv=None):
             print(f"{label:>10}  {r['kept']:>11.4f}  {r['runs']:>12.2f}")
     if args.drift is not None:
         drifted = simulate_drift(values, args.trials, args.noise_runs, args.reruns, args.confidence, args.gains,
-                             args.normal, args.seed, args.drift, args.gap)
+                                 args.normal, args.seed, args.drift, args.gap)
         print(f"\nDRIFT of {args.drift:g} sigma per run (random walk), the candidate {args.gap} runs after the "
               "baseline: keep rates against the best's record and beside runs of the best (re-runs per decision)")
         print(f"{'real gain':>10}  {'vs record':>9}  {'paired':>6}  {'re-runs, record':>15}  {'re-runs, paired':>15}")
