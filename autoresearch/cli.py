@@ -119,7 +119,7 @@ def add_decision_args(r) -> None:
                    help="one-sided confidence a keep needs under --decide noise (default 0.95)")
     g.add_argument("--reruns", type=int, default=DEFAULT_RERUNS, metavar="N",
                    help="runs that confirm a candidate better than the best: the best's and the candidate's "
-                        f"in turn, fewer once it is out of reach (default {DEFAULT_RERUNS}; 0: one run decides)")
+                        f"in turn, fewer once it is out of reach or a clear win (default {DEFAULT_RERUNS}; 0: one run decides)")
     g.add_argument("--noise-runs", type=int, default=5, metavar="K",
                    help="baseline runs that measure the noise floor when the ledger has none (default 5)")
 

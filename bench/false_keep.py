@@ -11,8 +11,9 @@ greedy and by the noise-aware rule (decide.py, re-runs drawn from the same distr
 Draws are either resampled from the measured values (empirical, with replacement) or
 normal with their mean and std (--normal). Prints keep rates and re-runs per decision, of
 the rule against the best's record and of the runner's rule, paired with runs of the best
-(drawn from the baseline's distribution). The waves and --after-keep judge against the
-record (the rule before 2026-12-07).
+(drawn from the baseline's distribution). The waves judge against the record (the rule
+before 2026-12-07). --no-clear-wins turns off the runner's keep of a clear win after the
+first pair (decide.NoiseAware.clear_win), for the figures before it.
 
 --parallel N (default 4) plays a wave of N candidates from one parent, as `run --workers N`
 does: the best first run of the wave is confirmed by a fresh run that goes through the rule
@@ -22,8 +23,9 @@ per candidate against the sequential rule's, and what keeping the wave's best on
 candidate of the wave has it and the others are A/A.
 
 --after-keep G judges a second candidate against a first one, G sigma better than the
-baseline, that was kept: the best is then the kept candidate's mean, on its runs, which is
-what a rule that re-runs keeps fewer times pays for in the next decision.
+baseline, that was kept by the runner's rule: the best's record is then the kept candidate's
+mean, on its runs (one, for a clear win), which the next candidate's first run must beat
+before it is confirmed beside runs of the best.
 
 --drift D adds what a shared box does: its speed, and so every run's value, wanders as a
 random walk of D sigma per run. The candidate is judged --gap runs after the baseline was
@@ -41,6 +43,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from autoresearch.decide import DEFAULT_RERUNS, Best, Greedy, NoiseAware  # noqa: E402
+
+CLEAR_WINS = True     # --no-clear-wins: the runner's rule without its clear-win look
+
+
+def noise_rule(sigma, confidence, reruns, df):
+    return NoiseAware(sigma, confidence, reruns, df=df, clear_wins=CLEAR_WINS)
 
 
 def load_values(args) -> list[float]:
@@ -77,7 +85,7 @@ def simulate(values, trials, noise_runs, reruns, confidence, shift_sigmas, norma
             cand = draw(shift)
             # greedy: upstream compares with a single baseline run
             keeps["greedy"] += Greedy().decide(cand, Best(single), lambda i: None).status == "keep"
-            rule = NoiseAware(statistics.stdev(base_runs), confidence, reruns, df=noise_runs - 1)
+            rule = noise_rule(statistics.stdev(base_runs), confidence, reruns, noise_runs - 1)
             best = Best(statistics.fmean(base_runs), noise_runs)
             used = []
 
@@ -110,7 +118,7 @@ def simulate_wave(values, trials, noise_runs, reruns, confidence, shift_sigmas, 
         for _ in range(trials):
             base_runs = [draw(0.0) for _ in range(noise_runs)]
             best = Best(statistics.fmean(base_runs), noise_runs)
-            rule = NoiseAware(statistics.stdev(base_runs), confidence, reruns, df=noise_runs - 1)
+            rule = noise_rule(statistics.stdev(base_runs), confidence, reruns, noise_runs - 1)
             first = [draw(s) for s in shifts]
             w = min(range(n), key=lambda i: first[i])
             rerun = lambda i: draw(shifts[w])   # noqa: E731
@@ -127,26 +135,28 @@ def simulate_wave(values, trials, noise_runs, reruns, confidence, shift_sigmas, 
 
 
 def simulate_after_keep(values, trials, noise_runs, reruns, confidence, shift_sigmas, normal, seed, first_gain):
-    """The decision after a keep: a first candidate with a clear gain (first_gain sigma) is
-    judged against the baseline; where kept, its verdict (mean and runs) becomes the best, and
-    a second candidate g sigma better than the first is judged against it. The best then
-    stands on the first candidate's runs, not the baseline's, so this is where a rule that
-    re-runs keeps less shows its cost (the next margin is wider)."""
+    """The decision after a keep, both by the runner's rule: a first candidate with a clear
+    gain (first_gain sigma) is judged beside runs of the baseline; where kept, its verdict's
+    mean and runs become the best's record, and a second candidate g sigma better than the
+    first is judged against that record and beside runs of the first. A record that is one
+    lucky run turns away real gains at the second candidate's first run."""
     draw, _, sd = sampler(values, normal, seed + 2)
     out = {}
     for g in shift_sigmas:
         first_kept = second_kept = runs = 0
         for _ in range(trials):
             base_runs = [draw(0.0) for _ in range(noise_runs)]
-            rule = NoiseAware(statistics.stdev(base_runs), confidence, reruns, df=noise_runs - 1)
+            rule = noise_rule(statistics.stdev(base_runs), confidence, reruns, noise_runs - 1)
             s1, s2 = -first_gain * sd, -(first_gain + g) * sd
-            first = rule.decide(draw(s1), Best(statistics.fmean(base_runs), noise_runs), lambda i: draw(s1))
-            runs += len(first.runs)
+            first = rule.decide(draw(s1), Best(statistics.fmean(base_runs), noise_runs), lambda i: draw(s1),
+                                rerun_best=lambda i: draw(0.0))
+            runs += len(first.runs) + len(first.best_runs)
             if first.status != "keep":
                 continue
             first_kept += 1
-            second = rule.decide(draw(s2), Best(first.value, len(first.runs)), lambda i: draw(s2))
-            runs += len(second.runs)
+            second = rule.decide(draw(s2), Best(first.value, len(first.runs)), lambda i: draw(s2),
+                                 rerun_best=lambda i: draw(s1))
+            runs += len(second.runs) + len(second.best_runs)
             second_kept += second.status == "keep"
         out[g] = {"kept": second_kept / max(first_kept, 1), "runs": runs / trials}
     return out
@@ -174,7 +184,7 @@ def simulate_drift(values, trials, noise_runs, reruns, confidence, shift_sigmas,
             start = level[0]
             for how in ("record", "paired"):
                 level[0] = start      # both rules see the box in the same state
-                rule = NoiseAware(statistics.stdev(base_runs), confidence, reruns, df=noise_runs - 1)
+                rule = noise_rule(statistics.stdev(base_runs), confidence, reruns, noise_runs - 1)
                 shift = -g * sd
                 used = []
 
@@ -215,7 +225,11 @@ def main(argv=None):
     p.add_argument("--drift", type=float, default=None, metavar="D",
                    help="also simulate a box whose speed drifts D sigma per run (random walk)")
     p.add_argument("--gap", type=int, default=10, help="with --drift: runs between the baseline's and the candidate's")
+    p.add_argument("--no-clear-wins", action="store_true",
+                   help="the runner's rule without its keep of a clear win after the first pair")
     args = p.parse_args(argv)
+    global CLEAR_WINS
+    CLEAR_WINS = not args.no_clear_wins
     values = load_values(args)
     if len(values) < 3:
         sys.exit("need at least 3 measured values")
