@@ -11,14 +11,16 @@ An arm starts from train_mlx.py with a planted handicap (`lr`: every learning ra
 fresh checkout of this project's harness under --workdir, and runs the real loop on it
 (`Runner`: sandboxed runs, the trusted scorer, the chosen keep rule) for --experiments
 experiments with the offline agent (the noise rule measures its noise floor on the start:
---noise-runs baseline runs). Then every file that matters is re-scored with fresh seeds
+--noise-runs baseline runs, 4 here against the runner's 5: an arm is an hour of ~85 s runs,
+and the loop pools sigma over the best's runs as it goes). Then every file that matters is re-scored with fresh seeds
 (1000, 1001, ...; the loop uses 42 and up), through the same sandboxed launch, a round per
 seed (seed 1000 of every file, then 1001, ...: a box's speed drifts within the hour, so
 files compared with each other run minutes apart):
 
-  - the start and the reference (the file without the handicap), with --seeds,
-  - the final best (the last keep), with --seeds,
-  - every keep before it, with --keep-seeds (default 2: each such keep costs ~3 minutes).
+  - the start and the final best (the last keep), with --seeds,
+  - the reference (the file without the handicap), with --keep-seeds: it is only the gap's
+    denominator, an error of 0.01 in it moves the share recovered by a tenth of itself,
+  - every keep before the best, with --keep-seeds (default 2: each such keep costs ~3 minutes).
 
 It prints the share of the handicap's gap recovered, (start - best) / (start - reference) on
 fresh-seed means; the keeps; and the keep precision: of the kept commits, how many beat their
@@ -48,7 +50,7 @@ sys.path.insert(0, str(REPO))
 from autoresearch import gitops  # noqa: E402
 from autoresearch.agents import Agent, Proposal, make_agent  # noqa: E402
 from autoresearch.agents.hparam import blob_hash, read_constants, set_constant  # noqa: E402
-from autoresearch.decide import DEFAULT_NOISE_RUNS, DEFAULT_RERUNS  # noqa: E402
+from autoresearch.decide import DEFAULT_RERUNS  # noqa: E402
 from autoresearch.integrity import check_summary  # noqa: E402
 from autoresearch.noise import measure  # noqa: E402
 from autoresearch.policy import Decisions  # noqa: E402
@@ -198,7 +200,7 @@ def run_arm(args, workdir: Path) -> dict:
     start = plant(reference, handicaps)
     print(f"== arm {args.arm}: handicap {'+'.join(handicaps)}, agent "
           f"{'comment-only' if args.arm == 'aa' else args.agent}, {args.experiments} experiments, "
-          f"{args.seeds} fresh seeds ({args.keep_seeds} for a keep before the best)", flush=True)
+          f"{args.seeds} fresh seeds ({args.keep_seeds} for the reference and a keep before the best)", flush=True)
     tag = f"{args.arm}-{args.agent}-{'+'.join(handicaps)}"
     root = workdir / tag
     if args.resume and not (root / "ledger.jsonl").exists():
@@ -229,11 +231,11 @@ def run_arm(args, workdir: Path) -> dict:
         start_fresh = ref_fresh = dict(enumerate(runs))
         kept_rows, best_fresh = [], start_fresh
     else:
-        files = [("start", start, args.seeds)] + ([] if args.arm == "aa" else [("reference", reference, args.seeds)])
+        files = [("start", start, args.seeds)] + ([] if args.arm == "aa" else [("reference", reference, keep_seeds)])
         files += [(f"keep {r['exp']}", text, args.seeds if r is keeps[-1][0] else keep_seeds) for r, text in keeps]
         score_in_rounds(scores, files)
         start_fresh = scores.of(start, "start")
-        ref_fresh = start_fresh if args.arm == "aa" else scores.of(reference, "reference")
+        ref_fresh = start_fresh if args.arm == "aa" else scores.of(reference, "reference", keep_seeds)
         kept_rows, best_fresh = rescore_keeps(scores, keeps, start_fresh, keep_seeds)
     precise = sum(k["beats_parent"] for k in kept_rows)
     start_mean, ref_mean, best_mean = (mean(f.values()) for f in (start_fresh, ref_fresh, best_fresh))
@@ -326,12 +328,13 @@ def main(argv=None) -> int:
     p.add_argument("--agent", default="hparam", help="the offline agent (hparam or hparam-tpe)")
     p.add_argument("--handicap", default="lr", help="comma-separated: lr, warmdown, depth")
     p.add_argument("--experiments", type=int, default=12)
-    p.add_argument("--seeds", type=int, default=4, help="fresh seeds of the start, the reference and the best")
+    p.add_argument("--seeds", type=int, default=4, help="fresh seeds of the start and the best")
     p.add_argument("--keep-seeds", type=int, default=2,
-                   help="fresh seeds of each keep before the best (its precision is judged on the seeds it shares with its parent)")
+                   help="fresh seeds of the reference and of each keep before the best (a keep's precision is judged "
+                        "on the seeds it shares with its parent)")
     p.add_argument("--reruns", type=int, default=DEFAULT_RERUNS)
-    p.add_argument("--noise-runs", type=int, default=DEFAULT_NOISE_RUNS,
-                   help="baseline runs of the start that measure the loop's noise floor")
+    p.add_argument("--noise-runs", type=int, default=4,
+                   help="baseline runs of the start that measure the loop's noise floor (the runner's default is 5)")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--profile", default="cpu", help="cpu (the benchmark); smoke only checks that the script runs")
     p.add_argument("--resume", action="store_true",
