@@ -18,7 +18,7 @@ import pytest
 from autoresearch.ledger import Ledger
 from autoresearch.runner import RunConfig, Runner, run
 from autoresearch.trainer import Trainer, step_curve
-from loop_fixtures.helpers import ScriptedAgent, cli_env, ledger_records, make_repo, run_cli
+from loop_fixtures.helpers import ScriptedAgent, cli_env, ctrl_c_default, ledger_records, make_repo, run_cli
 
 HOSTILE = "# </pre><img src=x onerror=\"document.title='pwned'\"><script>document.title='pwned'</script>"
 
@@ -186,7 +186,7 @@ def test_watch_rewrites_the_page_after_every_experiment_until_ctrl_c(tmp_path):
     page = d / "live.html"
     watcher = subprocess.Popen([sys.executable, "-m", "autoresearch.cli", "report", "--html", "live.html",
                                 "--watch"], cwd=d, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=ctrl_c_default)
     try:
         deadline = time.time() + 60
         while not page.exists() and time.time() < deadline:

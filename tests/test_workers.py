@@ -26,7 +26,7 @@ if importlib.util.find_spec("ray") is None:
         raise ImportError("Ray is missing: .ci/run must `uv sync --extra ray`")
     pytest.skip("Ray is the optional extra: uv sync --extra ray", allow_module_level=True)
 
-from loop_fixtures.helpers import PROJECT, cli_env, fake_val_of, ledger_records, make_repo, run_cli, tsv_rows  # noqa: E402
+from loop_fixtures.helpers import PROJECT, cli_env, ctrl_c_default, fake_val_of, ledger_records, make_repo, run_cli, tsv_rows  # noqa: E402
 from test_loop_faults import check_consistent  # noqa: E402
 
 N = 4
@@ -256,7 +256,8 @@ def test_ctrl_c_stops_every_worker_and_the_run_resumes(tmp_path):
     d = tmp_path / "p"
     make_repo(d)
     p = subprocess.Popen([sys.executable, "-m", "autoresearch.cli", *RUN], cwd=d, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, env=cli_env(FAKE_TRAIN_SECONDS="20"))
+                         stderr=subprocess.STDOUT, text=True, env=cli_env(FAKE_TRAIN_SECONDS="20"),
+                         preexec_fn=ctrl_c_default)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         # both candidates started, each worker with its sandbox

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,13 @@ def cli_env(**extra) -> dict:
     env["PYTHONPATH"] = str(PROJECT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def ctrl_c_default() -> None:
+    """Popen preexec_fn for a child a test stops with SIGINT: a job started in the background
+    by a non-interactive shell (as CI may be) inherits SIGINT ignored, and Python then never
+    raises KeyboardInterrupt, so the child would not see the test's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(repo_dir: Path, *args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
