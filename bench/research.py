@@ -245,7 +245,7 @@ def run_arm(args, workdir: Path) -> dict:
         "arm": args.arm, "agent": "comment-only" if args.arm == "aa" else args.agent, "handicap": handicaps,
         "rule": rule, "experiments": len(results) - 1, "keeps": len(kept) - 1,
         "keep_precision": precise / (len(kept) - 1) if len(kept) > 1 else None,
-        "start": start_mean, "reference": ref_mean, "best": best_mean, "rescored": bool(keeps) or args.arm != "aa",
+        "start": start_mean, "reference": ref_mean, "best": best_mean,
         "start_sd": statistics.stdev(list(start_fresh.values())) if len(start_fresh) > 1 else None,
         "gap_recovered": recovered, "kept": kept_rows,
         "reruns": sum(r.get("reruns", 0) for r in results[1:]),
@@ -310,7 +310,8 @@ def machine() -> str:
 def report(s: dict) -> str:
     rec = f"{100 * s['gap_recovered']:.0f}%" if s["gap_recovered"] is not None else "-"
     prec = f"{s['keep_precision']:.2f}" if s["keep_precision"] is not None else "-"
-    means = "fresh-seed means" if s.get("rescored", True) else "means of the baseline's runs (nothing kept, nothing re-scored)"
+    rescored = s["arm"] != "aa" or s["keeps"]
+    means = "fresh-seed means" if rescored else "means of the baseline's runs (nothing kept, nothing re-scored)"
     lines = [f"arm {s['arm']} ({s['rule']} rule, agent {s['agent']}, handicap {'+'.join(s['handicap'])}): "
              f"{s['experiments']} experiments, {s['keeps']} keeps, {s['reruns']} re-runs, {s['minutes']} min",
              f"  {means}: start {s['start']:.4f}, reference {s['reference']:.4f}, best {s['best']:.4f}"

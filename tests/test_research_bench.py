@@ -135,6 +135,6 @@ def test_keeps_before_the_best_get_fewer_seeds_and_are_judged_on_the_seeds_both_
 def test_an_aa_arm_that_kept_nothing_does_not_call_its_baseline_runs_fresh_seeds():
     summary = {"arm": "aa", "rule": "noise", "agent": "comment-only", "handicap": ["none"], "experiments": 12,
                "keeps": 0, "reruns": 3, "minutes": 26.9, "start": 2.3109, "reference": 2.3109, "best": 2.3109,
-               "gap_recovered": None, "keep_precision": None, "kept": [], "rescored": False}
+               "gap_recovered": None, "keep_precision": None, "kept": []}
     assert "fresh-seed" not in research.report(summary) and "nothing re-scored" in research.report(summary)
-    assert "fresh-seed means: start 2.3109" in research.report(dict(summary, rescored=True))
+    assert "fresh-seed means: start 2.3109" in research.report(dict(summary, arm="noise"))
