@@ -15,13 +15,11 @@ $AUTORESEARCH_DATASET overrides that.
 
 The trainers import the runtime half (Tokenizer, make_dataloader, evaluate_bpb, the
 constants). The agent never edits this file, nor the machinery behind it in harness/
-(downloads, tokenizer training, the tuned-BLAS preload, device peak FLOPs, the causality
+(downloads, tokenizer training, the loader's best-fit packing, the tuned-BLAS preload, device peak FLOPs, the causality
 probe), which this file calls with the values it defines. Torch and MLX are imported
 lazily, only by the code that hands out their arrays, so this module imports with neither.
 """
 import argparse
-import bisect
-import collections
 import glob
 import hashlib
 import itertools
@@ -42,6 +40,7 @@ from harness.devices import apple_gpu_cores, gpu_expected, peak_flops, peak_sour
 from harness.download import MAX_SHARD, VAL_SHARD
 from harness.errors import HarnessError
 from harness.memory import fit_device_batch, memory_limit  # noqa: F401  (trainers fit the micro-batch to memory)
+from harness.packing import pack_rows, tokenized_batches
 from harness.integrity import HIDDEN_EVAL_FRACTION
 from harness.scorer import SCORER_FD_ENV, evaluate_remote
 
@@ -383,103 +382,6 @@ def _document_batches(split, dataset=None, tokenizer_batch_size=128, cycle=True)
         epoch += 1
 
 
-def _tokenized_batches(tokenizer, doc_batches):
-    """(list of BOS-prefixed uint16/int32 token arrays, epoch) for each batch of texts."""
-    bos = tokenizer.get_bos_token_id()
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 65536 else np.int32
-    for texts, epoch in doc_batches:
-        token_lists = tokenizer.enc.encode_ordinary_batch(texts, num_threads=8)
-        lengths = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
-        flat = np.empty(int(lengths.sum()), dtype=dtype)
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
-        flat[starts] = bos
-        body = np.ones(len(flat), dtype=bool)
-        body[starts] = False
-        flat[body] = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=dtype, count=len(flat) - len(starts))
-        yield [flat[s:e] for s, e in zip(starts.tolist(), ends.tolist())], epoch
-
-
-class _BestFitBuffer:
-    """The document buffer of upstream's best-fit packer, indexed by length.
-
-    Upstream scans the whole buffer (insertion order) for the first document with the
-    largest length <= remaining, else pops the first shortest one. Keeping one FIFO per
-    length plus the sorted distinct lengths gives the same choice in O(log n)."""
-
-    def __init__(self):
-        self.by_length = {}   # length -> deque of documents in arrival order
-        self.lengths = []     # sorted distinct lengths present
-        self.count = 0
-
-    def add(self, doc):
-        n = len(doc)
-        queue = self.by_length.get(n)
-        if queue is None:
-            queue = self.by_length[n] = collections.deque()
-            bisect.insort(self.lengths, n)
-        queue.append(doc)
-        self.count += 1
-
-    def _pop_length(self, index):
-        n = self.lengths[index]
-        queue = self.by_length[n]
-        doc = queue.popleft()
-        if not queue:
-            del self.by_length[n]
-            del self.lengths[index]
-        self.count -= 1
-        return doc
-
-    def pop_best_fit(self, remaining):
-        """The first-arrived document of the largest length <= remaining, or None."""
-        i = bisect.bisect_right(self.lengths, remaining) - 1
-        return self._pop_length(i) if i >= 0 else None
-
-    def pop_shortest(self):
-        return self._pop_length(0)
-
-
-def pack_rows(token_batches, B, T, buffer_size=1000, dtype=np.int64):
-    """Upstream's BOS-aligned best-fit packing: yields (rows (B, T+1), epoch).
-
-    token_batches yields (list of token arrays, epoch). Each row is filled with the
-    largest buffered document that fits; when none fits, the shortest one is cropped
-    to fill the row exactly. A finite stream (evaluation) is packed until the buffer runs
-    dry; the row that cannot be completed is dropped and a partial last batch is yielded
-    with fewer rows."""
-    row_capacity = T + 1
-    buffer = _BestFitBuffer()
-    epoch = 1
-    exhausted = False
-    while True:
-        rows = np.empty((B, row_capacity), dtype=dtype)
-        for r in range(B):
-            pos = 0
-            while pos < row_capacity:
-                while buffer.count < buffer_size and not exhausted:
-                    try:
-                        docs, epoch = next(token_batches)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    for doc in docs:
-                        buffer.add(doc)
-                if buffer.count == 0:  # a finite stream ran out mid-row
-                    if r:
-                        yield rows[:r], epoch
-                    return
-                remaining = row_capacity - pos
-                doc = buffer.pop_best_fit(remaining)
-                if doc is not None:
-                    rows[r, pos:pos + len(doc)] = doc
-                    pos += len(doc)
-                else:
-                    rows[r, pos:] = buffer.pop_shortest()[:remaining]
-                    pos = row_capacity
-        yield rows, epoch
-
-
 def make_dataloader(tokenizer, B, T, split, buffer_size=1000, backend="numpy", device=None):
     """BOS-aligned best-fit packed batches, infinite: yields (inputs, targets, epoch), each (B, T).
 
@@ -491,7 +393,7 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000, backend="numpy", d
         raise HarnessError(f"unknown dataloader backend {backend!r}; valid: numpy, mlx, torch")
     ensure_prepared()
     dtype = np.int32 if backend == "mlx" else np.int64
-    rows_iter = prefetch.prefetched(pack_rows(_tokenized_batches(tokenizer, _document_batches(split)), B, T,
+    rows_iter = prefetch.prefetched(pack_rows(tokenized_batches(tokenizer, _document_batches(split)), B, T,
                                               buffer_size, dtype))
     if backend == "numpy":
         for rows, epoch in rows_iter:
@@ -514,7 +416,7 @@ _eval_rows_cache = {}
 def _first_val_rows(tokenizer, T, n_rows, dataset):
     """The first n_rows packed rows (n, T+1) of the validation stream, never cycling the shard
     (fewer when it runs out)."""
-    batches = _tokenized_batches(tokenizer, _document_batches("val", dataset, cycle=False))
+    batches = tokenized_batches(tokenizer, _document_batches("val", dataset, cycle=False))
     packed = [rows for rows, _ in itertools.islice(pack_rows(batches, 64, T, dtype=np.int32),
                                                    math.ceil(n_rows / 64))]
     return np.concatenate(packed)[:n_rows] if packed else np.empty((0, T + 1), np.int32)
@@ -661,7 +563,7 @@ def unigram_bpb(tokenizer, profile=None, dataset=None):
     rows = eval_rows(tokenizer, profile, dataset)
     counts = unigram.cached_counts(
         tokenizer_dir(dataset), tokenizer.get_vocab_size(),
-        lambda: _tokenized_batches(tokenizer, _document_batches("train", dataset, cycle=False)))
+        lambda: tokenized_batches(tokenizer, _document_batches("train", dataset, cycle=False)))
     return unigram.unigram_bpb(counts, rows, get_token_bytes(dataset))
 
 # ---------------------------------------------------------------------------

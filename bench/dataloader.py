@@ -75,10 +75,10 @@ def time_packer(make_rows, n_batches):
 
 
 def bench_packing(label, batches_fast, batches_ref, B, T, n_batches):
-    import prepare
-    time_packer(lambda: prepare.pack_rows(iter(batches_fast), B, T), 2)  # warm-up (allocator, caches)
+    from harness import packing
+    time_packer(lambda: packing.pack_rows(iter(batches_fast), B, T), 2)  # warm-up (allocator, caches)
     time_packer(lambda: reference_pack_rows(iter(batches_ref), B, T), 2)
-    t_fast, fast = time_packer(lambda: prepare.pack_rows(iter(batches_fast), B, T), n_batches)
+    t_fast, fast = time_packer(lambda: packing.pack_rows(iter(batches_fast), B, T), n_batches)
     t_ref, ref = time_packer(lambda: reference_pack_rows(iter(batches_ref), B, T), n_batches)
     identical = all(np.array_equal(a, b) for a, b in zip(fast, ref)) and len(fast) == len(ref) == n_batches
     tokens = n_batches * B * T
@@ -95,6 +95,7 @@ def main():
     parser.add_argument("--skip-eval", action="store_true")
     args = parser.parse_args()
     import prepare
+    from harness import packing
     B, T, n = args.B, args.T, args.batches
     print(f"B={B} T={T} batches={n} ({n * B * T / 1e6:.2f} M tokens per run); dataset {prepare.DATASET}")
 
@@ -108,12 +109,12 @@ def main():
     prepare.ensure_prepared()
     tok = prepare.Tokenizer.from_directory()
     texts = list(itertools.islice(prepare._document_batches("train"), 200))
-    pre = list(prepare._tokenized_batches(tok, iter(texts)))
+    pre = list(packing.tokenized_batches(tok, iter(texts)))
     pre_ref = [([d.tolist() for d in docs], e) for docs, e in pre]
     ratio_ds, same_ds = bench_packing(f"packing, {prepare.DATASET} documents", pre, pre_ref, B, T, n)
 
     def fast_from_text():
-        return prepare.pack_rows(prepare._tokenized_batches(tok, iter(texts)), B, T)
+        return packing.pack_rows(packing.tokenized_batches(tok, iter(texts)), B, T)
 
     def ref_from_text():
         bos = tok.get_bos_token_id()

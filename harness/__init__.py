@@ -2,7 +2,8 @@
 
 prepare.py is the contract an agent reads (constants, profiles, the dataset layout, the
 tokenizer, the loader, evaluate_bpb); the work behind it lives here, one job per module:
-downloading and cutting the datasets, training the tokenizer, the tuned-BLAS preload,
+downloading and cutting the datasets, training the tokenizer, the loader's best-fit packing
+(packing.py), the tuned-BLAS preload,
 device peak FLOPs, the memory a training step may use and the micro-batch that fits it,
 evaluate_bpb's per-backend kernels, the in-process causality probe, and the trust boundary
 the runner starts: the sandbox (sandbox.py) and the trusted scorer (scorer.py).

@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import prepare  # noqa: E402
-from harness import prefetch  # noqa: E402
+from harness import packing, prefetch  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("bench_dataloader", REPO / "bench" / "dataloader.py")
 bench_dataloader = importlib.util.module_from_spec(_spec)
@@ -49,7 +49,7 @@ def as_lists(batches):
     (8, 16, 10, 200),     # rows shorter than most documents: mostly the crop path
 ])
 def test_packer_equals_upstream_reference_on_random_documents(B, T, buffer_size, n_docs):
-    fast = prepare.pack_rows(random_doc_batches(B * T, n_docs, T, None), B, T, buffer_size)
+    fast = packing.pack_rows(random_doc_batches(B * T, n_docs, T, None), B, T, buffer_size)
     ref = reference_pack_rows(as_lists(random_doc_batches(B * T, n_docs, T, None)), B, T, buffer_size)
     epochs_seen = set()
     n_batches = 150
@@ -67,7 +67,7 @@ def test_draining_packer_uses_each_document_once_and_matches_upstream_until_the_
     T = 63
     batches = list(random_doc_batches(seed=7, n_docs=300, T=T, epochs=1))
     total_tokens = sum(len(d) for docs, _ in batches for d in docs)
-    drained = np.concatenate([r for r, _ in prepare.pack_rows(iter(batches), 1, T, 50)])
+    drained = np.concatenate([r for r, _ in packing.pack_rows(iter(batches), 1, T, 50)])
     assert len(drained) * (T + 1) <= total_tokens
     assert len({row.tobytes() for row in drained}) == len(drained)
     # upstream would cycle the data; up to the point where it reads the second epoch, rows agree
